@@ -1,0 +1,247 @@
+"""The attribution interface: methods as small classes behind one ``score``, registered by name.
+
+A gradient method turns per-example gradients into an ``n_test x n_train`` score matrix in which a
+HIGHER score means "this training example supports this test output more". Gradients arrive as
+:data:`GradientBlocks`, one ``[n, d_block]`` matrix per LoRA matrix (rows = examples), because every
+method in the study works block by block (DataInf and the exact inverse are per-matrix approximations).
+
+Most influence methods differ only in what they do to the test gradients before an inner product with
+the training gradients (dattri's inner-product attributor): :class:`InnerProductMethod` holds that
+shared loop, so a method is a :meth:`InnerProductMethod.transform_test` and a settings dataclass.
+RepSim is not a gradient method; it implements :class:`RepresentationMethod` instead, and every method
+class says which features it needs through ``kind``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..progress import progress
+from ..settings import option, require_positive
+
+logger = logging.getLogger(__name__)
+
+GradientBlocks = Mapping[str, torch.Tensor]
+"""Block name (one LoRA matrix) -> ``[n_examples, d_block]`` per-example gradients."""
+
+GRADIENT = "gradient"
+REPRESENTATION = "representation"
+
+# Modules that register the built-in methods; imported on the first registry lookup.
+_BUILTIN_MODULES = ("hessian_free", "datainf", "exact", "lissa", "repsim")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Settings every method shares: how many rows one matrix product handles at a time."""
+
+    chunk_size: int = option(
+        1024, "rows (test or train examples) per matrix product; bounds peak memory to ~chunk^2 + chunk*d"
+    )
+
+    def __post_init__(self) -> None:
+        require_positive("chunk_size", self.chunk_size)
+        if not isinstance(self.chunk_size, int):
+            raise ConfigError(f"--chunk-size must be an integer, got {self.chunk_size!r}")
+
+
+class Method(ABC):
+    """What every registered method has: a name, the features it needs, and validated settings."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+
+    def __init__(self, settings: MethodSettings | None = None) -> None:
+        if settings is None:
+            settings = self.Settings()
+        if not isinstance(settings, self.Settings):
+            raise ConfigError(f"{self.name} expects {self.Settings.__name__}, got {type(settings).__name__}")
+        self.settings = settings
+
+    def chunks(self, n: int) -> Iterator[slice]:
+        """Consecutive row slices of at most ``chunk_size`` rows covering ``range(n)``."""
+        step = self.settings.chunk_size
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
+
+class AttributionMethod(Method):
+    """A gradient-based method: per-example gradients in, score matrix out."""
+
+    kind: ClassVar[str] = GRADIENT
+
+    @abstractmethod
+    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
+
+
+class InnerProductMethod(AttributionMethod):
+    """Score = sum over blocks of ``transform_test(block) . g_train``, in chunks of test rows.
+
+    Blocks whose training gradients are all zero contribute nothing (every inner product with them is
+    zero) and are skipped, which also keeps damping ``0`` from dividing by zero.
+    """
+
+    @abstractmethod
+    def transform_test(
+        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
+    ) -> torch.Tensor:
+        """The test gradients of one block ``[m, d]`` mapped to the vectors dotted with ``train_block`` rows.
+
+        Both inputs share one floating dtype (at least float32); the result has the same shape and dtype.
+        Implementations chunk over rows themselves, so per-block work (a factorisation) is done once.
+        """
+
+    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
+        names, n_train, n_test = check_blocks(train, test)
+        dtype = compute_dtype(train, test)
+        device = train[names[0]].device
+        out = torch.zeros(n_test, n_train, dtype=dtype, device=device)
+        for name in progress(names, desc=self.name, total=len(names)):
+            g_train = train[name].to(device=device, dtype=dtype)
+            if not bool(g_train.any()):
+                logger.debug("%s: block %s has all-zero training gradients; skipped", self.name, name)
+                continue
+            transformed = self.transform_test(name, g_train, test[name].to(device=device, dtype=dtype))
+            for rows in self.chunks(n_test):
+                out[rows].addmm_(transformed[rows], g_train.T)
+        return out.to(torch.float32)
+
+
+class RepresentationMethod(Method):
+    """A method on fixed-size representations (hidden states) instead of gradients."""
+
+    kind: ClassVar[str] = REPRESENTATION
+
+    @abstractmethod
+    def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores from ``[n, h]`` / ``[m, h]`` representations;
+        HIGHER = the training example supports the test output more."""
+
+
+def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str], int, int]:
+    """Check that train and test hold the same 2-D blocks of equal widths; ``(names, n_train, n_test)``."""
+    if not train:
+        raise DataError("no gradient blocks were given")
+    if set(train) != set(test):
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        raise DataError(
+            f"train and test gradients cover different blocks (train only: {only_train[:3]}, "
+            f"test only: {only_test[:3]})"
+        )
+    names = list(train)
+    n_train = n_test = -1
+    for name in names:
+        g_train, g_test = train[name], test[name]
+        if g_train.ndim != 2 or g_test.ndim != 2:
+            raise DataError(
+                f"block {name}: expected [examples, dim] matrices, got {tuple(g_train.shape)} "
+                f"and {tuple(g_test.shape)}"
+            )
+        if g_train.shape[1] != g_test.shape[1]:
+            raise DataError(f"block {name}: train width {g_train.shape[1]} != test width {g_test.shape[1]}")
+        if not (g_train.is_floating_point() and g_test.is_floating_point()):
+            raise DataError(f"block {name}: gradients must be floating point")
+        if n_train == -1:
+            n_train, n_test = g_train.shape[0], g_test.shape[0]
+        elif (g_train.shape[0], g_test.shape[0]) != (n_train, n_test):
+            raise DataError(
+                f"block {name}: {g_train.shape[0]} train / {g_test.shape[0]} test rows, "
+                f"other blocks have {n_train} / {n_test}"
+            )
+    if n_train == 0:
+        raise DataError("no training examples (gradient blocks have 0 rows)")
+    return names, n_train, n_test
+
+
+def compute_dtype(*blocks: GradientBlocks) -> torch.dtype:
+    """Float32, or float64 when any input is float64 (half-precision inputs are promoted)."""
+    dtype = torch.float32
+    for group in blocks:
+        for tensor in group.values():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def block_damping(train_block: torch.Tensor, damping_scale: float) -> float:
+    """The study's damping ``lambda = damping_scale * mean_i(mean_j g_ij^2)`` over a block's train gradients.
+
+    The official code divides the mean by ``lambda_const_param=10``; ``damping_scale=0.1`` is the same.
+    Summed in float64 so that large blocks do not lose precision.
+    """
+    norm = torch.linalg.vector_norm(train_block, dtype=torch.float64)
+    return damping_scale * float(norm) ** 2 / train_block.numel()
+
+
+def block_seed(seed: int, block_name: str, repeat: int) -> int:
+    """A reproducible per-(block, repeat) seed, independent of block order and of test chunking."""
+    return (seed * 1_000_003 + zlib.crc32(block_name.encode()) * 101 + repeat) % (2**63)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+M = TypeVar("M", bound=type[Method])
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: M) -> M:
+    """Class decorator: make ``cls`` available to :func:`get_method` under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    if getattr(cls, "kind", None) not in (GRADIENT, REPRESENTATION):
+        raise TypeError(f"{cls.__name__}.kind must be {GRADIENT!r} or {REPRESENTATION!r}")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"attribution method name {name!r} is used by {existing.__name__} and {cls.__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names of every registered method, sorted."""
+    _load_builtins()
+    return tuple(sorted(_REGISTRY))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (to read its ``kind`` or ``Settings`` before building it)."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown attribution method {name!r}; known methods: {known}") from None
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Build the method registered as ``name`` with settings ``options`` (unknown options -> ConfigError)."""
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Settings)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
+        )
+    return cls(cls.Settings(**options))

@@ -1,0 +1,24 @@
+"""Hessian-free influence ("gradient match"): the plain inner product of test and training gradients.
+
+It drops the inverse Hessian entirely. The study finds it ranks like DataInf and LiSSA whenever the
+per-block Fisher has rank far below its dimension, because then ``(F + lambda I)^-1 ~ I / lambda``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import InnerProductMethod, register
+
+
+@register
+class HessianFree(InnerProductMethod):
+    """Score = sum over blocks of ``g_test . g_train``; HIGHER = the training example is more supportive."""
+
+    name = "hessian-free"
+
+    def transform_test(
+        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
+    ) -> torch.Tensor:
+        """The identity: the test gradient itself."""
+        return test_block

@@ -1,0 +1,47 @@
+"""The one example type every stage speaks, and a task's train/test pair."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/response pair with its class label.
+
+    ``id`` is stable across runs (it keys score matrices and caches); ``label`` is the class that
+    attribution is judged by (the study's ``variation`` field).
+    """
+
+    id: str
+    prompt: str
+    response: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task: named train and test splits of :class:`Example`."""
+
+    name: str
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def __post_init__(self) -> None:
+        for split, examples in (("train", self.train), ("test", self.test)):
+            if not examples:
+                raise DataError(f"task '{self.name}': the {split} split is empty")
+            ids = Counter(e.id for e in examples)
+            dupes = [i for i, c in ids.items() if c > 1]
+            if dupes:
+                raise DataError(
+                    f"task '{self.name}': duplicate example id(s) in {split}: {', '.join(dupes[:5])}"
+                )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Sorted class labels present in the training split."""
+        return tuple(sorted({e.label for e in self.train}))

@@ -1,0 +1,1 @@
+"""Models: resolution of ``--model``, LoRA adapters and fine-tuning."""

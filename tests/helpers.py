@@ -1,0 +1,20 @@
+"""Small builders shared by tests: tiny tasks and settings that run in seconds."""
+
+from __future__ import annotations
+
+from llm_attribution.data.schema import Example, TaskData
+
+
+def toy_task(n_train: int = 24, n_test: int = 6, n_classes: int = 3) -> TaskData:
+    """A class task whose response is determined by the class, short enough for the byte tokenizer."""
+    words = ["apple", "river", "stone", "cloud", "maple", "ember"]
+
+    def make(split: str, i: int) -> Example:
+        label = f"c{i % n_classes}"
+        return Example(f"{split}-{i}", f"say {words[i % len(words)]} {i}", f"class {label}", label)
+
+    return TaskData(
+        "toy",
+        tuple(make("train", i) for i in range(n_train)),
+        tuple(make("test", i) for i in range(n_test)),
+    )
