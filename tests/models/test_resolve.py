@@ -80,7 +80,7 @@ def test_embedded_model_loads_and_generates() -> None:
         loaded.model,
         loaded.tokenizer,
         ["What is the capital of France?"],
-        PromptSettings(),
+        PromptSettings(template="chat"),
         max_new_tokens=12,
     )
     assert "Paris" in answer
