@@ -8,21 +8,30 @@ output MORE.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .cli_options import add_options, from_args
+from .data.loaders import load_task
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
 from .errors import UserError
+from .evaluation.metrics import evaluate
+from .evaluation.official import check_score_shape
+from .evaluation.score_files import FORMATS, read_scores
+from .features.gradients import GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
-from .pipeline import FinetuneConfig, FinetuneReport, finetune_run
+from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, open_run, select_epoch
 from .progress import set_quiet
+from .run_layout import SETTINGS_FILE
+from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained
+from .storage import read_json
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
 EXIT_USER_ERROR = 2
@@ -85,8 +94,71 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pending(args: argparse.Namespace) -> int:
-    raise UserError(f"`llm-attr {args.command}` is not implemented yet in this version")
+def _print_methods(record: dict[str, Any]) -> None:
+    print(
+        f"\ntask {record['task']}: {record['n_train']} train, {record['n_test']} test, "
+        f"{record['n_classes']} classes; coverage k = {_first_k(record)}"
+    )
+    print("method          accuracy  coverage  seconds")
+    for name, row in record["methods"].items():
+        print(f"{name:<14}  {row['accuracy']:>8.3f}  {row['coverage']:>8.3f}  {row['seconds']:>7.2f}")
+    print(SCORE_CONVENTION)
+
+
+def _first_k(record: dict[str, Any]) -> int:
+    return next(iter(record["methods"].values()))["k"] if record["methods"] else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _finetune_config(args)
+    attribute = from_args(AttributeSettings, args)
+    gradients = from_args(GradientSettings, args)
+    run = Path(args.out)
+    if args.adapter:
+        explained = explain_adapter(config, run, Path(args.adapter))
+    else:
+        report = finetune_run(config, run, show=args.show)
+        _print_finetune(report)
+        explained = report.explained
+    explained = select_epoch(explained, attribute.epoch)
+    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    _print_methods(record)
+    print(f"results: {run / RESULTS_FILE}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    attribute = from_args(AttributeSettings, args)
+    gradients = from_args(GradientSettings, args)
+    run = Path(args.run)
+    explained = open_run(run, attribute.epoch)
+    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    _print_methods(record)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    data = from_args(DataSettings, args, task=args.data)
+    task = load_task(data)
+    scores = read_scores(args.scores, args.scores_format)
+    check_score_shape(scores, len(task.test), len(task.train), args.scores)
+    metrics = evaluate(scores, [e.label for e in task.train], [e.label for e in task.test])
+    result = {
+        "accuracy": metrics.accuracy,
+        "coverage": metrics.coverage,
+        "k": metrics.k,
+        "n_train": len(task.train),
+        "n_test": len(task.test),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"accuracy {metrics.accuracy:.4f}  coverage {metrics.coverage:.4f}  (k = {metrics.k}, "
+            f"{len(task.test)} test x {len(task.train)} train)"
+        )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,26 +175,75 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tune a model on a task; an adapter is saved after every epoch.",
     )
     ft.add_argument("--out", required=True, help="run folder to write (adapters, loss curve, settings)")
-    ft.add_argument(
+    _show_option(ft)
+    _finetune_options(ft)
+    _common(ft)
+    ft.set_defaults(handler=cmd_finetune)
+
+    run = sub.add_parser(
+        "run",
+        help="fine-tune, collect features, score and evaluate in one go",
+        description="Fine-tune (or reuse the adapter in --out, or take --adapter), collect per-example "
+        "gradients, score every method and evaluate it. " + SCORE_CONVENTION,
+    )
+    run.add_argument("--out", required=True, help="run folder (reused when it holds the same settings)")
+    run.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="an existing peft adapter folder to explain instead of fine-tuning",
+    )
+    _show_option(run)
+    _finetune_options(run)
+    add_options(run, AttributeSettings, "attribution")
+    add_options(run, GradientSettings, "gradients")
+    _common(run)
+    run.set_defaults(handler=cmd_run)
+
+    attr = sub.add_parser(
+        "attribute",
+        help="re-score an existing run without retraining",
+        description="Re-score an existing run with other methods. " + SCORE_CONVENTION,
+    )
+    attr.add_argument("--run", required=True, help="a run folder made by `llm-attr run`")
+    add_options(attr, AttributeSettings, "attribution")
+    add_options(attr, GradientSettings, "gradients")
+    _common(attr)
+    attr.set_defaults(handler=cmd_attribute)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="accuracy and coverage of any score matrix",
+        description="The study's accuracy and coverage of a score matrix (rows = test, columns = "
+        "train). " + SCORE_CONVENTION,
+    )
+    ev.add_argument(
+        "--scores", required=True, help="scores file: .safetensors (a run's), .npy, .csv, or official CSV"
+    )
+    ev.add_argument(
+        "--data", required=True, help="the dataset the scores are about (same as --task elsewhere)"
+    )
+    ev.add_argument(
+        "--scores-format",
+        choices=FORMATS,
+        default="ours",
+        help="ours: higher = more supportive; official: the study's CSV, lower = more influential",
+    )
+    ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "coverage": ...} as JSON')
+    add_options(ev, DataSettings, "data", exclude=("task", "train_limit", "test_limit"))
+    _common(ev)
+    ev.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def _show_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--show",
         type=int,
         default=0,
         metavar="N",
         help="print greedy answers for N test prompts before and after fine-tuning",
     )
-    _finetune_options(ft)
-    _common(ft)
-    ft.set_defaults(handler=cmd_finetune)
-
-    for name, text in (
-        ("run", "fine-tune, collect features, score and evaluate in one go. " + SCORE_CONVENTION),
-        ("attribute", "re-score an existing run with other methods. " + SCORE_CONVENTION),
-        ("evaluate", "accuracy and coverage of a score matrix. " + SCORE_CONVENTION),
-    ):
-        pending = sub.add_parser(name, help=text, description=text)
-        _common(pending)
-        pending.set_defaults(handler=cmd_pending)
-    return parser
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -44,11 +44,15 @@ def _converter(tp: Any) -> Any:
     return convert
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls: type, title: str | None = None, exclude: tuple[str, ...] = ()
+) -> None:
     """Add one ``--option`` per field of the settings dataclass ``cls`` (defaults shown in help)."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = field_types(cls)
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         tp = hints[field.name]
         default = field.default
         shown = ",".join(default) if isinstance(default, tuple) else default

@@ -1,9 +1,11 @@
-"""The pipeline as library calls: the CLI and the Python API both go through these functions."""
+"""The pipeline as library calls: the CLI and the Python API both go through these functions.
+
+``finetune_run`` trains (or reuses) the LoRA adapters of a run; ``run`` goes on to features, scores
+and metrics; ``attribute`` re-scores an existing run. Scores: HIGHER = supports the test output more.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -12,25 +14,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.loaders import load_task
-from .data.schema import Example, TaskData
+from .data.schema import Example, TaskData, data_fingerprint
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
 from .errors import RunError
+from .features.gradients import GradientSettings
 from .models.finetune import LossCurve, TrainSettings, finetune
 from .models.generate import generate_answers
 from .models.lora import attach_lora, load_adapter
-from .models.resolve import load_model
+from .models.resolve import LoadedModel, load_model
 from .models.settings import LoraSettings, ModelSettings
 from .run_layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
-from .settings import to_dict
+from .scoring import adapter_fingerprint
+from .settings import from_dict, to_dict
 from .storage import read_json, write_json_atomic
 from .versions import package_versions
 
 log = logging.getLogger(__name__)
+
+STAGES = {
+    "data": DataSettings,
+    "model": ModelSettings,
+    "lora": LoraSettings,
+    "prompt": PromptSettings,
+    "train": TrainSettings,
+}
 
 
 @dataclass(frozen=True)
@@ -44,14 +57,31 @@ class FinetuneConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: to_dict(getattr(self, name)) for name in ("data", "model", "lora", "prompt", "train")}
+        return {name: to_dict(getattr(self, name)) for name in STAGES}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        return cls(**{name: from_dict(stage, data[name]) for name, stage in STAGES.items()})
+
+
+@dataclass
+class Explained:
+    """A fine-tuned model ready to explain: the task, the model with its adapter, and where it came from."""
+
+    run: Path
+    task: TaskData
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    loaded: LoadedModel
+    adapter: Path
+    epoch: int | None
 
 
 @dataclass
 class FinetuneReport:
     """What :func:`finetune_run` did: where, the loss curve, and answers before/after for a few tests."""
 
-    run: Path
+    explained: Explained
     epochs: list[int]
     curve: LossCurve
     reused: bool
@@ -59,13 +89,21 @@ class FinetuneReport:
     answers_before: list[str] = field(default_factory=list)
     answers_after: list[str] = field(default_factory=list)
 
+    @property
+    def run(self) -> Path:
+        return self.explained.run
 
-def data_fingerprint(examples: Sequence[Example]) -> str:
-    """SHA-256 over ids, prompts, responses and labels: any change to the data changes it."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.id, e.prompt, e.response, e.label]).encode())
-    return digest.hexdigest()
+
+def run_settings(config: FinetuneConfig, task: TaskData, adapter: Path | None = None) -> dict[str, Any]:
+    """The settings a run folder records: the config, the data's content, and a given adapter."""
+    settings: dict[str, Any] = {
+        **config.to_dict(),
+        # The data's content is part of what produced the adapter: a changed file must not reuse the run.
+        "fingerprint": {"train": data_fingerprint(task.train), "test": data_fingerprint(task.test)},
+    }
+    if adapter is not None:
+        settings["adapter"] = {"path": str(adapter.resolve()), "sha256": adapter_fingerprint(adapter)}
+    return settings
 
 
 def check_run_dir(run: Path, settings: dict[str, Any]) -> bool:
@@ -92,6 +130,15 @@ def check_run_dir(run: Path, settings: dict[str, Any]) -> bool:
     return False
 
 
+def _start_run(run: Path, settings: dict[str, Any], model: ModelSettings) -> tuple[bool, LoadedModel]:
+    existed = check_run_dir(run, settings)
+    loaded = load_model(model)  # before anything is written: a bad model leaves no folder behind
+    if not existed:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / SETTINGS_FILE, settings)
+    return existed, loaded
+
+
 def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneReport:
     """Load data and model, fine-tune with LoRA, save an adapter per epoch into ``run``.
 
@@ -99,24 +146,15 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
     A run folder that already holds every epoch with the same settings is reused, not retrained.
     """
     task = load_task(config.data)
-    # The data's content is part of what produced the adapter: a changed file must not reuse the run.
-    settings = {
-        **config.to_dict(),
-        "fingerprint": {"train": data_fingerprint(task.train), "test": data_fingerprint(task.test)},
-    }
-    existed = check_run_dir(run, settings)
-    loaded = load_model(config.model)  # before anything is written: a bad model leaves no folder behind
-    if not existed:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / SETTINGS_FILE, settings)
+    existed, loaded = _start_run(run, run_settings(config, task), config.model)
     examples = _spread(task.test, show)
     before = _answers(loaded.model, loaded.tokenizer, examples, config.prompt)
-    done = saved_epochs(run)
-    if existed and done == list(range(1, config.train.epochs + 1)) and (run / FINETUNE_FILE).is_file():
-        log.info("%s already holds all %d epochs with these settings: reusing them", run, config.train.epochs)
+    last = config.train.epochs
+    if existed and saved_epochs(run) == list(range(1, last + 1)) and (run / FINETUNE_FILE).is_file():
+        log.info("%s already holds all %d epochs with these settings: reusing them", run, last)
         recorded = read_json(run / FINETUNE_FILE)["loss"]
         curve = LossCurve(recorded["step_loss"], recorded["epoch_loss"], recorded["seconds_per_epoch"])
-        model = load_adapter(loaded.model, adapter_dir(run, config.train.epochs))
+        model = load_adapter(loaded.model, adapter_dir(run, last))
         reused = True
     else:
         write_json_atomic(run / DATA_FILE, _data_record(task))
@@ -137,7 +175,57 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
         )
         reused = False
     after = _answers(model, loaded.tokenizer, examples, config.prompt)
-    return FinetuneReport(run, saved_epochs(run), curve, reused, list(examples), before, after)
+    explained = Explained(run, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
+    return FinetuneReport(explained, saved_epochs(run), curve, reused, list(examples), before, after)
+
+
+def explain_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> Explained:
+    """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning."""
+    task = load_task(config.data)
+    _, loaded = _start_run(run, run_settings(config, task, adapter), config.model)
+    write_json_atomic(run / DATA_FILE, _data_record(task))
+    model = load_adapter(loaded.model, adapter)
+    return Explained(run, task, model, loaded.tokenizer, loaded, adapter, None)
+
+
+def open_run(run: Path, epoch: int | None = None) -> Explained:
+    """Reload a finished run: its task, base model and the adapter of ``epoch`` (default: the last)."""
+    if not (run / SETTINGS_FILE).is_file():
+        raise RunError(f"{run} is not a run folder (no {SETTINGS_FILE}); create one with `llm-attr run`")
+    settings = read_json(run / SETTINGS_FILE)
+    config = FinetuneConfig.from_dict(settings)
+    task = load_task(config.data)
+    if run_settings(config, task)["fingerprint"] != settings["fingerprint"]:
+        raise RunError(f"the data of {run} changed since it was made; make a new run")
+    loaded = load_model(config.model)
+    if "adapter" in settings:
+        adapter, epoch = Path(settings["adapter"]["path"]), None
+    else:
+        epochs = saved_epochs(run)
+        if not epochs:
+            raise RunError(f"{run} holds no adapter yet; finish it with `llm-attr run`")
+        epoch = epoch or epochs[-1]
+        if epoch not in epochs:
+            raise RunError(f"{run} has no adapter for epoch {epoch} (it has {', '.join(map(str, epochs))})")
+        adapter = adapter_dir(run, epoch)
+    model = load_adapter(loaded.model, adapter)
+    return Explained(run, task, model, loaded.tokenizer, loaded, adapter, epoch)
+
+
+def select_epoch(explained: Explained, epoch: int | None) -> Explained:
+    """The same model with the adapter weights of ``epoch`` (loaded in place; no base reload)."""
+    if epoch is None or epoch == explained.epoch:
+        return explained
+    if explained.epoch is None:
+        raise RunError("--epoch applies to adapters this tool trained, not to a given --adapter")
+    path = adapter_dir(explained.run, epoch)
+    if not path.is_dir():
+        raise RunError(f"{explained.run} has no adapter for epoch {epoch}")
+    set_peft_model_state_dict(explained.model, load_file(path / "adapter_model.safetensors"))
+    explained.model.eval()
+    return Explained(
+        explained.run, explained.task, explained.model, explained.tokenizer, explained.loaded, path, epoch
+    )
 
 
 def _spread(examples: Sequence[Example], count: int) -> list[Example]:
@@ -160,8 +248,16 @@ def _answers(
 
 
 def _data_record(task: TaskData) -> dict[str, Any]:
-    return {
-        "task": task.name,
-        "train_ids": [e.id for e in task.train],
-        "test_ids": [e.id for e in task.test],
-    }
+    return {"task": task.name, "train_ids": [e.id for e in task.train], "test_ids": [e.id for e in task.test]}
+
+
+__all__ = [
+    "Explained",
+    "FinetuneConfig",
+    "FinetuneReport",
+    "GradientSettings",
+    "explain_adapter",
+    "finetune_run",
+    "open_run",
+    "select_epoch",
+]

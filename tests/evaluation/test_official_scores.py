@@ -105,3 +105,30 @@ def test_official_scores_reproduce_published_metrics(
     metrics = evaluate(scores, train, test)
     assert metrics.accuracy == pytest.approx(accuracy, abs=5e-5)
     assert metrics.coverage == pytest.approx(coverage, abs=5e-5)
+
+
+@pytest.mark.parametrize(("model", "run", "method", "accuracy", "coverage"), PUBLISHED, ids=lambda v: str(v))
+def test_cli_evaluate_official_reproduces_published_metrics(
+    shared_data_dir: Path, model: str, run: str, method: str, accuracy: float, coverage: float, capsys
+) -> None:
+    """The same table through `llm-attr evaluate --scores-format official --json`, as a user runs it."""
+    import json
+
+    from llm_attribution.cli import main
+
+    path = shared_data_dir / "official-scores" / model / f"{run}_{method}.csv"
+    task_dir = shared_data_dir / "paper-datasets" / run.split("_")[0]
+    argv = [
+        "evaluate",
+        "--scores",
+        str(path),
+        "--data",
+        str(task_dir),
+        "--scores-format",
+        "official",
+        "--json",
+    ]
+    assert main([*argv, "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert round(result["accuracy"], 4) == pytest.approx(accuracy, abs=1e-9)
+    assert round(result["coverage"], 4) == pytest.approx(coverage, abs=1e-9)

@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.helpers import toy_task
 
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
 from llm_attribution.errors import ConfigError
@@ -12,6 +11,7 @@ from llm_attribution.models.lora import attach_lora, load_adapter, lora_paramete
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
 from llm_attribution.run_layout import adapter_dir, saved_epochs
+from tests.helpers import toy_task
 
 PROMPT = PromptSettings(max_length=48)
 FAST = TrainSettings(epochs=3, batch_size=4, learning_rate=3e-3, seed=7)

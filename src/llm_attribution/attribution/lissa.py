@@ -29,16 +29,18 @@ its scores are Hessian-free's times ``depth + 1`` plus a small correction, hence
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..settings import option, require, require_positive
-from .base import InnerProductMethod, MethodSettings, block_damping, block_seed, register
+from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, block_seed, register
 
 logger = logging.getLogger(__name__)
 
+NOT_CONVERGED = 1e-2  # remaining relative error, in the slowest direction, that counts as unconverged
 DIVERGENCE_FACTOR = 1e6  # times the largest norm a converging recursion can reach
 
 
@@ -93,6 +95,26 @@ class Lissa(InnerProductMethod):
     Settings = LissaSettings
     settings: LissaSettings
 
+    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more.
+
+        Warns (one line) when ``depth`` is too short for the recursion to converge on some block.
+        """
+        self.not_converged: dict[str, int] = {}
+        scores = super().score(train, test)
+        if self.not_converged:
+            worst = max(self.not_converged.values())
+            logger.warning(
+                "lissa: depth %d is too short to converge on %d of %d blocks (up to %d steps needed for 1%% "
+                "error); scores are a partial LiSSA, not the inverse-Fisher product: raise lissa.depth or "
+                "use exact",
+                self.settings.depth,
+                len(self.not_converged),
+                len(train),
+                worst,
+            )
+        return scores
+
     def transform_test(
         self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
     ) -> torch.Tensor:
@@ -102,6 +124,10 @@ class Lissa(InnerProductMethod):
         lam = block_damping(train_block, cfg.damping_scale)
         scale = cfg.scale if cfg.scale is not None else float(train_block.square().sum(dim=1).max()) + lam
         delta = lam / scale
+        # Directions in F's null space (every LoRA block with n < d has them) contract only by (1 - delta)
+        # per step: after `depth` steps their error is (1 - delta)^depth of the start.
+        if (1.0 - delta) ** cfg.depth > NOT_CONVERGED:
+            self.not_converged[block_name] = math.ceil(math.log(1.0 / NOT_CONVERGED) / delta)
         batch = None if cfg.batch_size is None or cfg.batch_size >= n else cfg.batch_size
         out = torch.zeros_like(test_block)
         last_step = 0.0

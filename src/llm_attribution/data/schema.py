@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import DataError
@@ -45,3 +48,11 @@ class TaskData:
     def labels(self) -> tuple[str, ...]:
         """Sorted class labels present in the training split."""
         return tuple(sorted({e.label for e in self.train}))
+
+
+def data_fingerprint(examples: Sequence[Example]) -> str:
+    """SHA-256 over ids, prompts, responses and labels, in order: any change to the data changes it."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.id, e.prompt, e.response, e.label]).encode())
+    return digest.hexdigest()

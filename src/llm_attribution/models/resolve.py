@@ -7,8 +7,11 @@ for reachability first so that an offline machine fails in seconds instead of re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..errors import ModelError
 from ..hub import hub_reachable
+from ..progress import bars_enabled
 from .device import resolve_device, resolve_dtype
 from .settings import ModelSettings
 from .tiny import byte_tokenizer, tiny_llama
@@ -64,11 +68,26 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_ours() -> Iterator[None]:
+    """transformers' GGUF loader shows its own bar unconditionally; hide it when our bars are off."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not bars_enabled():
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        with _gguf_bar_follows_ours():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except Exception as exc:  # gguf raises many kinds (ValueError, struct errors, KeyError) on bad files
         raise ModelError(
             f"cannot load GGUF file {path}: {type(exc).__name__}: {exc}".splitlines()[0]

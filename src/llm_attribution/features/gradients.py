@@ -1,0 +1,187 @@
+"""Per-example gradients of every LoRA matrix, from batched forward/backward passes.
+
+For a linear map ``y = W u`` applied at every token, the gradient of example ``i``'s loss is
+``sum_t (dL_i/dy_t) u_t^T``: the layer's input and the gradient at its output, both of which one
+batched backward pass already computes for all examples at once. Forward hooks keep each LoRA
+matrix's input and output; ``torch.autograd.grad`` of the SUM of per-example losses w.r.t. those
+outputs gives, row by row, each example's own output gradient (examples do not interact: causal
+attention with a padding mask), and one ``einsum`` per matrix forms all per-example gradients.
+Cost: one training step per example, never a batch-size-1 loop.
+
+Each example's loss is the mean over its own labelled tokens, so a gradient does not depend on which
+other examples share its batch or on how much padding they bring.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from ..data.schema import Example
+from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
+from ..errors import DataError, UserError
+from ..progress import progress
+from ..settings import option, require_positive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GradientSettings:
+    """How per-example gradients are collected (none of this changes their values)."""
+
+    gradient_batch_size: int = option(8, "examples per batched backward pass when collecting gradients")
+
+    def __post_init__(self) -> None:
+        require_positive("gradient_batch_size", self.gradient_batch_size)
+
+
+@dataclass
+class Features:
+    """Per-example features of a list of examples, rows in the examples' order.
+
+    ``blocks``: LoRA matrix name -> float32 ``[n, d_block]`` gradients of each example's own loss.
+    ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
+    ``losses``: float32 ``[n]`` each example's loss.
+    """
+
+    ids: list[str]
+    blocks: dict[str, torch.Tensor]
+    representations: torch.Tensor | None
+    losses: torch.Tensor
+
+
+def block_name(module_name: str) -> str:
+    """Short block name: ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default`` becomes
+    ``layers.3.self_attn.q_proj.lora_A``."""
+    parts = module_name.split(".")
+    if parts and parts[-1] not in ("lora_A", "lora_B"):
+        parts = parts[:-1]  # the adapter name, e.g. "default"
+    while parts and parts[0] in ("base_model", "model"):
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def lora_modules(model: PeftModel) -> dict[str, torch.nn.Linear]:
+    """The linear maps of every LoRA matrix, by block name, in module order."""
+    found: dict[str, torch.nn.Linear] = {}
+    for name, module in model.named_modules():
+        parent = name.rsplit(".", 2)
+        if isinstance(module, torch.nn.Linear) and len(parent) == 3 and parent[1] in ("lora_A", "lora_B"):
+            found[block_name(name)] = module
+    if not found:
+        raise UserError("the model has no LoRA adapter: attach or load one before collecting gradients")
+    return found
+
+
+class _Capture:
+    """Forward hooks that keep each LoRA matrix's input and output for one batch."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def keep(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self.inputs[name] = inputs[0]
+            self.outputs[name] = output
+
+        return keep
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean next-token cross-entropy over its labelled tokens, and its labelled-token count."""
+    shifted = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (shifted != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
+
+
+def collect_features(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    prompt: PromptSettings,
+    settings: GradientSettings,
+    representations: bool = True,
+    desc: str = "gradients",
+) -> Features:
+    """Per-example LoRA gradients (and RepSim representations) of ``examples``, in their order.
+
+    The model is put in eval mode (no dropout): attribution explains the trained, deterministic model.
+    Examples are batched by length to limit padding, which does not change any result.
+    """
+    model.eval()
+    encoded = encode_examples(examples, tokenizer, prompt)
+    modules = lora_modules(model)
+    for module in modules.values():
+        module.weight.requires_grad_(True)  # an adapter loaded for inference has them frozen
+    device = next(model.parameters()).device
+    n = len(encoded)
+    blocks = {name: torch.empty(n, m.weight.numel(), dtype=torch.float32) for name, m in modules.items()}
+    reps: torch.Tensor | None = None
+    losses = torch.empty(n, dtype=torch.float32)
+    order = sorted(range(n), key=lambda i: len(encoded[i].input_ids))
+    batches = [order[i : i + settings.gradient_batch_size] for i in range(0, n, settings.gradient_batch_size)]
+    capture = _Capture(modules)
+    try:
+        for rows in progress(batches, desc=desc, total=len(batches)):
+            batch = {
+                k: v.to(device)
+                for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
+            }
+            labels = batch.pop("labels")
+            out = model(**batch, output_hidden_states=representations, use_cache=False)
+            loss, counts = per_example_losses(out.logits, labels)
+            _check_rows(loss, counts, [examples[i].id for i in rows])
+            names = list(modules)
+            grads = torch.autograd.grad(loss.sum(), [capture.outputs[k] for k in names])
+            index = torch.tensor(rows)
+            with torch.no_grad():
+                for name, grad_out in zip(names, grads, strict=True):
+                    per_example = torch.einsum(
+                        "bto,bti->boi", grad_out.float(), capture.inputs[name].detach().float()
+                    ).reshape(len(rows), -1)
+                    blocks[name][index] = per_example.cpu()
+            losses[index] = loss.detach().float().cpu()
+            if representations:
+                last = torch.tensor([encoded[i].prompt_length - 1 for i in rows], device=device)
+                hidden = out.hidden_states[-1][torch.arange(len(rows), device=device), last].float()
+                if reps is None:
+                    reps = torch.empty(n, hidden.shape[1], dtype=torch.float32)
+                reps[index] = hidden.detach().cpu()
+            capture.inputs.clear()
+            capture.outputs.clear()
+    finally:
+        capture.remove()
+    _check_finite(blocks, [e.id for e in examples])
+    return Features([e.id for e in examples], blocks, reps, losses)
+
+
+def _check_rows(loss: torch.Tensor, counts: torch.Tensor, ids: list[str]) -> None:
+    empty = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+    if empty:
+        raise DataError(f"example(s) {', '.join(empty[:5])} have no token to score; raise --max-length")
+    bad = [ids[i] for i in torch.nonzero(~torch.isfinite(loss)).flatten().tolist()]
+    if bad:
+        raise UserError(f"non-finite loss for example(s) {', '.join(bad[:5])}")
+
+
+def _check_finite(blocks: dict[str, torch.Tensor], ids: list[str]) -> None:
+    for name, block in blocks.items():
+        bad_rows = torch.nonzero(~torch.isfinite(block).all(dim=1)).flatten().tolist()
+        if bad_rows:
+            names = ", ".join(ids[i] for i in bad_rows[:5])
+            raise UserError(f"non-finite gradient in block {name} for example(s) {names}")

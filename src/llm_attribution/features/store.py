@@ -1,0 +1,167 @@
+"""The on-disk feature store: per-example gradients and representations, shard by shard.
+
+```
+RUN/features/<split>-<key>/
+  manifest.json            fingerprint of everything that produced the features, shards with checksums
+  shard-00000.safetensors  rows [0, shard_size): one tensor per LoRA block, plus representations, losses
+  ...
+```
+
+``key`` is a hash of the fingerprint, so a changed model, adapter, data, template, max length, dtype or
+loss masking lands in another folder and is recomputed; a folder is reused only when its recorded
+fingerprint equals the one asked for (compared in full, not just by hash). Shards are written to a
+temporary name and renamed, and each carries a SHA-256 in the manifest that is checked on read, so a
+crash leaves whole shards (which a rerun keeps) and a corrupted file is named, never read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from ..data.schema import Example
+from ..errors import RunError
+from ..storage import read_json, write_bytes_atomic, write_json_atomic
+from .gradients import Features
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR = "features"
+MANIFEST = "manifest.json"
+REPRESENTATIONS_KEY = "__representations__"
+LOSSES_KEY = "__losses__"
+STORE_VERSION = 1
+
+
+def fingerprint_key(fingerprint: dict[str, Any]) -> str:
+    """A short, stable hash of a JSON-able fingerprint."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FeatureStore:
+    """Features of one split of one run, under one fingerprint."""
+
+    def __init__(self, run: Path, split: str, fingerprint: dict[str, Any], shard_size: int = 256) -> None:
+        self.fingerprint = {"store_version": STORE_VERSION, **fingerprint}
+        self.folder = run / FEATURES_DIR / f"{split}-{fingerprint_key(self.fingerprint)}"
+        self.shard_size = shard_size
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    def _manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"fingerprint": self.fingerprint, "shards": {}}
+        manifest = read_json(self.manifest_path)
+        if manifest.get("fingerprint") != self.fingerprint:
+            # Same hash, other content: never reuse (and never overwrite silently).
+            raise RunError(f"{self.folder} holds features of other settings; delete it to recompute")
+        return manifest
+
+    def complete(self, n: int) -> bool:
+        """Whether every shard of an ``n``-example split is stored."""
+        shards = self._manifest()["shards"]
+        return all(self._shard_name(i) in shards for i in range(0, n, self.shard_size))
+
+    def _shard_name(self, start: int) -> str:
+        return f"shard-{start // self.shard_size:05d}.safetensors"
+
+    def compute(
+        self, examples: Sequence[Example], collect: Callable[[Sequence[Example]], Features]
+    ) -> Features:
+        """Load stored shards and compute (then store) the missing ones; returns all rows in order."""
+        manifest = self._manifest()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        parts: list[Features] = []
+        for start in range(0, len(examples), self.shard_size):
+            chunk = examples[start : start + self.shard_size]
+            name = self._shard_name(start)
+            if name in manifest["shards"]:
+                parts.append(self._read_shard(name, manifest["shards"][name], chunk))
+                continue
+            features = collect(chunk)
+            data = save(_to_tensors(features), metadata={"ids": json.dumps(features.ids)})
+            write_bytes_atomic(self.folder / name, data)
+            manifest["shards"][name] = {
+                "rows": [start, start + len(chunk)],
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            write_json_atomic(self.manifest_path, manifest)
+            parts.append(features)
+        return _concat(parts)
+
+    def load(self, examples: Sequence[Example]) -> Features:
+        """Every stored shard of a complete split, checked against the manifest's checksums."""
+        manifest = self._manifest()
+        parts = []
+        for start in range(0, len(examples), self.shard_size):
+            name = self._shard_name(start)
+            if name not in manifest["shards"]:
+                raise RunError(f"{self.folder}: shard {name} is missing")
+            parts.append(
+                self._read_shard(name, manifest["shards"][name], examples[start : start + self.shard_size])
+            )
+        return _concat(parts)
+
+    def _read_shard(self, name: str, entry: dict[str, Any], chunk: Sequence[Example]) -> Features:
+        path = self.folder / name
+        if not path.is_file():
+            raise RunError(f"feature shard {path} is missing; delete {self.folder} to recompute")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise RunError(f"feature shard {path} is corrupted (checksum mismatch); delete it to recompute")
+        stored_ids = json.loads(load_metadata(data).get("ids", "[]"))
+        ids = [e.id for e in chunk]
+        if stored_ids != ids:
+            raise RunError(
+                f"feature shard {path} holds other examples than asked for; delete it to recompute"
+            )
+        return _from_tensors(load(data), ids)
+
+
+def load_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory (its JSON header)."""
+    header_len = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8 : 8 + header_len]).get("__metadata__", {}))
+
+
+def _to_tensors(features: Features) -> dict[str, torch.Tensor]:
+    tensors = {name: block.contiguous() for name, block in features.blocks.items()}
+    tensors[LOSSES_KEY] = features.losses.contiguous()
+    if features.representations is not None:
+        tensors[REPRESENTATIONS_KEY] = features.representations.contiguous()
+    return tensors
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], ids: list[str]) -> Features:
+    reps = tensors.pop(REPRESENTATIONS_KEY, None)
+    losses = tensors.pop(LOSSES_KEY)
+    return Features(ids, tensors, reps, losses)
+
+
+def _concat(parts: list[Features]) -> Features:
+    if len(parts) == 1:
+        return parts[0]
+    reps = [p.representations for p in parts]
+    return Features(
+        ids=[i for p in parts for i in p.ids],
+        blocks={name: torch.cat([p.blocks[name] for p in parts]) for name in parts[0].blocks},
+        representations=torch.cat(reps) if all(r is not None for r in reps) else None,  # type: ignore[arg-type]
+        losses=torch.cat([p.losses for p in parts]),
+    )

@@ -1,0 +1,260 @@
+"""From a fine-tuned run to scored attributions: features (stored), every method's score matrix, metrics.
+
+Scores follow one convention everywhere: HIGHER = the training example supports the test output MORE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save
+from transformers import PreTrainedTokenizerBase
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Explained
+
+from .attribution.base import (
+    GRADIENT,
+    AttributionMethod,
+    Method,
+    RepresentationMethod,
+    get_method,
+    method_class,
+)
+from .data.schema import Example, TaskData, data_fingerprint
+from .data.templates import PromptSettings
+from .errors import ConfigError
+from .evaluation.metrics import Metrics, evaluate
+from .features.gradients import Features, GradientSettings, collect_features
+from .features.store import FeatureStore, file_sha256
+from .models.settings import ModelSettings
+from .run_layout import SETTINGS_FILE
+from .settings import base_type, field_types, option, require, require_positive, to_dict
+from .storage import read_json, write_bytes_atomic, write_json_atomic
+from .versions import package_versions
+
+log = logging.getLogger(__name__)
+
+STUDY_METHODS = ("hessian-free", "datainf", "lissa", "exact", "repsim")
+SCORES_DIR = "scores"
+
+
+@dataclass(frozen=True)
+class AttributeSettings:
+    """Which methods score the run, with which options, on which epoch's adapter."""
+
+    methods: tuple[str, ...] = option(
+        STUDY_METHODS, "comma-separated attribution methods (higher score = supports the test output more)"
+    )
+    method_options: tuple[str, ...] = option(
+        (), "comma-separated method.option=value, e.g. lissa.depth=200,datainf.damping_scale=0.05"
+    )
+    epoch: int | None = option(None, "explain the adapter saved after this epoch (default: the last)")
+    shard_size: int = option(256, "examples per stored feature shard (the unit a crashed run resumes from)")
+
+    def __post_init__(self) -> None:
+        require(len(self.methods) > 0, "--methods must name at least one method")
+        require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
+        for name in self.methods:
+            method_class(name)  # unknown names fail here, before any work
+        parse_method_options(self.methods, self.method_options)
+        require_positive("shard_size", self.shard_size)
+        if self.epoch is not None:
+            require_positive("epoch", self.epoch)
+
+    def build_methods(self) -> dict[str, Method]:
+        options = parse_method_options(self.methods, self.method_options)
+        return {name: get_method(name, **options.get(name, {})) for name in self.methods}
+
+
+def parse_method_options(methods: Sequence[str], items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["lissa.depth=200"]`` -> ``{"lissa": {"depth": 200}}``, typed by the method's settings."""
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name, dot, field = key.strip().rpartition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--method-options: expected method.option=value, got {item!r}")
+        if name not in methods:
+            raise ConfigError(f"--method-options: {name!r} is not among --methods ({', '.join(methods)})")
+        settings_cls = method_class(name).Settings
+        hints = field_types(settings_cls)
+        if field not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(settings_cls))
+            raise ConfigError(f"--method-options: {name} has no option {field!r}; its options: {known}")
+        parsed.setdefault(name, {})[field] = _typed(text.strip(), hints[field], item)
+    return parsed
+
+
+def _typed(text: str, hint: Any, item: str) -> Any:
+    inner, optional = base_type(hint)
+    if optional and text.lower() == "none":
+        return None
+    try:
+        if inner is bool:
+            return text.lower() in ("1", "true", "yes", "on")
+        return inner(text) if inner in (int, float, str) else text
+    except ValueError:
+        kind = getattr(inner, "__name__", str(inner))
+        raise ConfigError(f"--method-options: {item!r} needs a {kind} value") from None
+
+
+def adapter_fingerprint(adapter: Path) -> str:
+    """SHA-256 of the adapter's weights file: features depend on the exact weights."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            return file_sha256(adapter / name)
+    raise ConfigError(f"{adapter} holds no adapter weights (adapter_model.safetensors)")
+
+
+def collect_split(
+    run: Path,
+    split: str,
+    examples: Sequence[Example],
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    identity: Mapping[str, Any],
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    shard_size: int,
+) -> Features:
+    """Features of one split, from the store when they were computed with the same fingerprint."""
+    fingerprint = {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples)}
+    store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
+    return store.compute(
+        examples,
+        lambda chunk: collect_features(model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"),
+    )
+
+
+@dataclass
+class MethodResult:
+    """One method's score matrix (HIGHER = more supportive), its metrics and its cost."""
+
+    name: str
+    scores: torch.Tensor
+    metrics: Metrics
+    seconds: float
+    settings: dict[str, Any]
+
+
+def score_methods(
+    methods: Mapping[str, Method], train: Features, test: Features, task: TaskData
+) -> dict[str, MethodResult]:
+    """Score every method and judge it with the study's accuracy and coverage."""
+    train_labels = [e.label for e in task.train]
+    test_labels = [e.label for e in task.test]
+    results = {}
+    for name, method in methods.items():
+        start = time.perf_counter()
+        if method.kind == GRADIENT:
+            scores = typing.cast(AttributionMethod, method).score(train.blocks, test.blocks)
+        else:
+            if train.representations is None or test.representations is None:
+                raise ConfigError(f"{name} needs representations, which these features do not hold")
+            scores = typing.cast(RepresentationMethod, method).score_representations(
+                train.representations, test.representations
+            )
+        seconds = time.perf_counter() - start
+        metrics = evaluate(scores, train_labels, test_labels)
+        log.info(
+            "%-13s accuracy %.3f  coverage %.3f  (%.2f s)", name, metrics.accuracy, metrics.coverage, seconds
+        )
+        results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
+    return results
+
+
+def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test_ids: Sequence[str]) -> Path:
+    """``scores/<method>.safetensors``: the matrix (rows = test, columns = train) with ids in its metadata."""
+    path = run / SCORES_DIR / f"{result.name}.safetensors"
+    metadata = {
+        "method": result.name,
+        "convention": "higher = the training example supports the test output more",
+        "train_ids": json.dumps(list(train_ids)),
+        "test_ids": json.dumps(list(test_ids)),
+        "settings": json.dumps(result.settings),
+    }
+    write_bytes_atomic(path, save({"scores": result.scores.contiguous()}, metadata=metadata))
+    return path
+
+
+RESULTS_FILE = "results.json"
+
+
+def attribute_explained(
+    explained: Explained,
+    settings: AttributeSettings,
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    model_settings: ModelSettings,
+) -> dict[str, Any]:
+    """Collect (or reuse) features of ``explained``, score every method, write scores and ``results.json``.
+
+    Returns the results dict; methods scored before (by another call) are kept unless re-scored.
+    """
+    run, task = explained.run, explained.task
+    identity = {
+        "model": explained.loaded.spec,
+        "source": explained.loaded.source,
+        "dtype": model_settings.dtype,
+        "adapter_sha256": adapter_fingerprint(explained.adapter),
+    }
+    timings: dict[str, float] = {}
+    features = {}
+    for split, examples in (("train", task.train), ("test", task.test)):
+        start = time.perf_counter()
+        features[split] = collect_split(
+            run,
+            split,
+            examples,
+            explained.model,
+            explained.tokenizer,
+            identity,
+            prompt,
+            gradients,
+            settings.shard_size,
+        )
+        timings[f"features_{split}_s"] = time.perf_counter() - start
+    results = score_methods(settings.build_methods(), features["train"], features["test"], task)
+    train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
+    path = run / RESULTS_FILE
+    record = read_json(path) if path.is_file() else {"methods": {}}
+    if record.get("adapter_sha256") != identity["adapter_sha256"]:
+        record = {"methods": {}}  # scores of another adapter (epoch) must not be mixed in
+    for name, result in results.items():
+        score_path = write_scores(run, result, train_ids, test_ids)
+        record["methods"][name] = {
+            "accuracy": result.metrics.accuracy,
+            "coverage": result.metrics.coverage,
+            "k": result.metrics.k,
+            "seconds": result.seconds,
+            "settings": result.settings,
+            "scores": str(score_path.relative_to(run)),
+        }
+    record.update(
+        {
+            "convention": "higher score = the training example supports the test output more",
+            "task": task.name,
+            "n_train": len(task.train),
+            "n_test": len(task.test),
+            "n_classes": len(task.labels),
+            "adapter": str(explained.adapter),
+            "adapter_sha256": identity["adapter_sha256"],
+            "epoch": explained.epoch,
+            "timings": timings,
+            "settings": read_json(run / SETTINGS_FILE),
+            "versions": package_versions(),
+        }
+    )
+    write_json_atomic(path, record)
+    return record
