@@ -84,8 +84,13 @@ def _print_finetune(report: FinetuneReport) -> None:
     ):
         print(f"\n[{example.label}] {example.prompt}")
         print(f"  expected: {example.response}")
-        print(f"  before:   {before}")
-        print(f"  after:    {after}")
+        print(f"  before:   {_one_line(before)}")
+        print(f"  after:    {_one_line(after)}")
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

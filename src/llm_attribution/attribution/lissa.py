@@ -126,7 +126,7 @@ class Lissa(InnerProductMethod):
         delta = lam / scale
         # Directions in F's null space (every LoRA block with n < d has them) contract only by (1 - delta)
         # per step: after `depth` steps their error is (1 - delta)^depth of the start.
-        if (1.0 - delta) ** cfg.depth > NOT_CONVERGED:
+        if delta < 1.0 and (1.0 - delta) ** cfg.depth > NOT_CONVERGED:
             self.not_converged[block_name] = math.ceil(math.log(1.0 / NOT_CONVERGED) / delta)
         batch = None if cfg.batch_size is None or cfg.batch_size >= n else cfg.batch_size
         out = torch.zeros_like(test_block)
