@@ -26,6 +26,7 @@ if typing.TYPE_CHECKING:
 from .attribution.base import (
     GRADIENT,
     AttributionMethod,
+    InnerProductMethod,
     Method,
     RepresentationMethod,
     get_method,
@@ -33,6 +34,7 @@ from .attribution.base import (
 )
 from .data.schema import Example, TaskData, data_fingerprint
 from .data.templates import PromptSettings
+from .diagnostics.ihvp import ihvp_relative_errors, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
@@ -167,9 +169,7 @@ def score_methods(
             )
         seconds = time.perf_counter() - start
         metrics = evaluate(scores, train_labels, test_labels)
-        log.info(
-            "%-13s accuracy %.3f  coverage %.3f  (%.2f s)", name, metrics.accuracy, metrics.coverage, seconds
-        )
+        log.info("scored %s in %.2f s", name, seconds)
         results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
     return results
 
@@ -225,7 +225,17 @@ def attribute_explained(
             settings.shard_size,
         )
         timings[f"features_{split}_s"] = time.perf_counter() - start
-    results = score_methods(settings.build_methods(), features["train"], features["test"], task)
+    methods = settings.build_methods()
+    results = score_methods(methods, features["train"], features["test"], task)
+    ihvp = {}
+    if "exact" in methods:
+        per_block = ihvp_relative_errors(
+            features["train"].blocks,
+            features["test"].blocks,
+            inner_product_methods(methods),
+            reference=typing.cast(InnerProductMethod, methods["exact"]),
+        )
+        ihvp = {name: summarize(errors) for name, errors in per_block.items()}
     train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
@@ -241,6 +251,8 @@ def attribute_explained(
             "settings": result.settings,
             "scores": str(score_path.relative_to(run)),
         }
+        if name in ihvp:
+            record["methods"][name]["ihvp_relative_error_vs_exact"] = ihvp[name]
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",

@@ -59,7 +59,9 @@ class LissaSettings(MethodSettings):
         None,
         "s in the recursion; must exceed (top Fisher eigenvalue + lambda)/2. None: a safe bound per block",
     )
-    depth: int = option(1000, "recursion steps; convergence needs several times scale/lambda")
+    depth: int = option(
+        100, "recursion steps; convergence needs several times scale/lambda (a warning says so)"
+    )
     repeats: int = option(1, "independent recursions averaged (useful with mini-batches)")
     batch_size: int | None = option(
         None, "training gradients per step (sampled, seeded); None: all (deterministic)"
@@ -95,12 +97,16 @@ class Lissa(InnerProductMethod):
     Settings = LissaSettings
     settings: LissaSettings
 
+    def __init__(self, settings: LissaSettings | None = None) -> None:
+        super().__init__(settings)
+        self.not_converged: dict[str, int] = {}  # block -> steps needed, for blocks depth is too short for
+
     def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more.
 
         Warns (one line) when ``depth`` is too short for the recursion to converge on some block.
         """
-        self.not_converged: dict[str, int] = {}
+        self.not_converged = {}
         scores = super().score(train, test)
         if self.not_converged:
             worst = max(self.not_converged.values())

@@ -1,0 +1,1 @@
+"""The study's section-4 analyses: why influence functions fail on LLMs, made measurable."""
