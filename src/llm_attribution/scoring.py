@@ -191,6 +191,39 @@ def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test
 RESULTS_FILE = "results.json"
 
 
+def collect_run_features(
+    explained: Explained,
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    model_settings: ModelSettings,
+    shard_size: int = 256,
+) -> tuple[dict[str, Features], dict[str, float]]:
+    """Train and test features of a run's model (from the store when already computed), with timings."""
+    identity = {
+        "model": explained.loaded.spec,
+        "source": explained.loaded.source,
+        "dtype": model_settings.dtype,
+        "adapter_sha256": adapter_fingerprint(explained.adapter),
+    }
+    timings: dict[str, float] = {}
+    features = {}
+    for split, examples in (("train", explained.task.train), ("test", explained.task.test)):
+        start = time.perf_counter()
+        features[split] = collect_split(
+            explained.run,
+            split,
+            examples,
+            explained.model,
+            explained.tokenizer,
+            identity,
+            prompt,
+            gradients,
+            shard_size,
+        )
+        timings[f"features_{split}_s"] = time.perf_counter() - start
+    return features, timings
+
+
 def attribute_explained(
     explained: Explained,
     settings: AttributeSettings,
@@ -203,28 +236,10 @@ def attribute_explained(
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
     run, task = explained.run, explained.task
-    identity = {
-        "model": explained.loaded.spec,
-        "source": explained.loaded.source,
-        "dtype": model_settings.dtype,
-        "adapter_sha256": adapter_fingerprint(explained.adapter),
-    }
-    timings: dict[str, float] = {}
-    features = {}
-    for split, examples in (("train", task.train), ("test", task.test)):
-        start = time.perf_counter()
-        features[split] = collect_split(
-            run,
-            split,
-            examples,
-            explained.model,
-            explained.tokenizer,
-            identity,
-            prompt,
-            gradients,
-            settings.shard_size,
-        )
-        timings[f"features_{split}_s"] = time.perf_counter() - start
+    features, timings = collect_run_features(
+        explained, prompt, gradients, model_settings, settings.shard_size
+    )
+    adapter_sha256 = adapter_fingerprint(explained.adapter)
     methods = settings.build_methods()
     results = score_methods(methods, features["train"], features["test"], task)
     ihvp = {}
@@ -239,7 +254,7 @@ def attribute_explained(
     train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
-    if record.get("adapter_sha256") != identity["adapter_sha256"]:
+    if record.get("adapter_sha256") != adapter_sha256:
         record = {"methods": {}}  # scores of another adapter (epoch) must not be mixed in
     for name, result in results.items():
         score_path = write_scores(run, result, train_ids, test_ids)
@@ -261,7 +276,7 @@ def attribute_explained(
             "n_test": len(task.test),
             "n_classes": len(task.labels),
             "adapter": str(explained.adapter),
-            "adapter_sha256": identity["adapter_sha256"],
+            "adapter_sha256": adapter_sha256,
             "epoch": explained.epoch,
             "timings": timings,
             "settings": read_json(run / SETTINGS_FILE),

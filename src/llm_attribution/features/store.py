@@ -103,6 +103,9 @@ class FeatureStore:
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
             write_json_atomic(self.manifest_path, manifest)
+            log.info(
+                "%s: stored examples %d-%d of %d", self.folder.name, start, start + len(chunk), len(examples)
+            )
             parts.append(features)
         return _concat(parts)
 

@@ -1,0 +1,70 @@
+"""The Python API in four calls, mirroring the CLI: ``finetune``, ``collect``, ``attribute``, ``evaluate``.
+
+Scores everywhere follow one convention: HIGHER = the training example supports the test output MORE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.loaders import load_task
+from .data.settings import DataSettings
+from .evaluation.metrics import Metrics
+from .evaluation.metrics import evaluate as _evaluate
+from .evaluation.official import check_score_shape
+from .evaluation.score_files import read_scores
+from .features.gradients import Features, GradientSettings
+from .pipeline import FinetuneConfig, FinetuneReport, finetune_run, open_run
+from .run_layout import SETTINGS_FILE
+from .scoring import STUDY_METHODS, AttributeSettings, attribute_explained, collect_run_features
+from .storage import read_json
+
+
+def finetune(config: FinetuneConfig, run: str | Path, show: int = 0) -> FinetuneReport:
+    """LoRA fine-tune ``config.model`` on ``config.data`` into the run folder (an adapter per epoch)."""
+    return finetune_run(config, Path(run), show=show)
+
+
+def collect(
+    run: str | Path, epoch: int | None = None, gradients: GradientSettings | None = None
+) -> tuple[Features, Features]:
+    """Per-example LoRA gradients and representations of a run's train and test examples (stored, reused)."""
+    run = Path(run)
+    explained = open_run(run, epoch)
+    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    features, _ = collect_run_features(
+        explained, config.prompt, gradients or GradientSettings(), config.model
+    )
+    return features["train"], features["test"]
+
+
+def attribute(
+    run: str | Path,
+    methods: Sequence[str] = STUDY_METHODS,
+    method_options: Sequence[str] = (),
+    epoch: int | None = None,
+    gradients: GradientSettings | None = None,
+) -> dict[str, Any]:
+    """Score a run with ``methods``; returns and writes ``results.json`` (HIGHER = more supportive)."""
+    run = Path(run)
+    settings = AttributeSettings(methods=tuple(methods), method_options=tuple(method_options), epoch=epoch)
+    explained = open_run(run, epoch)
+    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    return attribute_explained(
+        explained, settings, config.prompt, gradients or GradientSettings(), config.model
+    )
+
+
+def evaluate(
+    scores: torch.Tensor | str | Path, data: str | DataSettings, scores_format: str = "ours"
+) -> Metrics:
+    """The study's accuracy and coverage of a score matrix (tensor or file) against a dataset's labels."""
+    settings = data if isinstance(data, DataSettings) else DataSettings(task=str(data))
+    task = load_task(settings)
+    matrix = scores if isinstance(scores, torch.Tensor) else read_scores(scores, scores_format)
+    check_score_shape(matrix, len(task.test), len(task.train), "scores")
+    return _evaluate(matrix, [e.label for e in task.train], [e.label for e in task.test])
