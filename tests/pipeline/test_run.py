@@ -196,3 +196,22 @@ def test_bad_attribution_options(argv, needle, tmp_path, capsys) -> None:
 def test_attribute_on_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
     code, _, err = _main(["attribute", "--run", str(tmp_path), "--quiet"], capsys)
     assert code == 2 and "not a run" in err
+
+
+def test_run_epoch_option_matches_attribute_on_that_epoch(tiny_run, tmp_path, capsys) -> None:
+    """`run --epoch 1` swaps adapter weights in place; `attribute --epoch 1` reloads them: same scores."""
+    run = _copy(tiny_run, tmp_path)
+    code, _, err = _main(
+        ["run", *TINY_RUN, "--methods", "hessian-free", "--epoch", "1", "--out", str(run)], capsys
+    )
+    assert code == 0, err
+    in_place = load_file(str(run / "scores" / "hessian-free.safetensors"))["scores"]
+    assert json.loads((run / "results.json").read_text())["epoch"] == 1
+    code, _, err = _main(
+        ["attribute", "--run", str(run), "--methods", "hessian-free", "--epoch", "1", "--quiet"], capsys
+    )
+    assert code == 0, err
+    reloaded = load_file(str(run / "scores" / "hessian-free.safetensors"))["scores"]
+    assert torch.equal(in_place, reloaded)
+    last = load_file(str(tiny_run[0] / "scores" / "hessian-free.safetensors"))["scores"]
+    assert not torch.allclose(in_place, last)

@@ -37,7 +37,7 @@ FEATURES_DIR = "features"
 MANIFEST = "manifest.json"
 REPRESENTATIONS_KEY = "__representations__"
 LOSSES_KEY = "__losses__"
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:
@@ -96,7 +96,10 @@ class FeatureStore:
                 parts.append(self._read_shard(name, manifest["shards"][name], chunk))
                 continue
             features = collect(chunk)
-            data = save(_to_tensors(features), metadata={"ids": json.dumps(features.ids)})
+            # Block order is the model's module order; safetensors sorts names, so the order is kept
+            # here: scores sum over blocks, and a different order would round differently.
+            metadata = {"ids": json.dumps(features.ids), "blocks": json.dumps(list(features.blocks))}
+            data = save(_to_tensors(features), metadata=metadata)
             write_bytes_atomic(self.folder / name, data)
             manifest["shards"][name] = {
                 "rows": [start, start + len(chunk)],
@@ -129,13 +132,13 @@ class FeatureStore:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise RunError(f"feature shard {path} is corrupted (checksum mismatch); delete it to recompute")
-        stored_ids = json.loads(load_metadata(data).get("ids", "[]"))
+        metadata = load_metadata(data)
         ids = [e.id for e in chunk]
-        if stored_ids != ids:
+        if json.loads(metadata.get("ids", "[]")) != ids:
             raise RunError(
                 f"feature shard {path} holds other examples than asked for; delete it to recompute"
             )
-        return _from_tensors(load(data), ids)
+        return _from_tensors(load(data), ids, json.loads(metadata["blocks"]))
 
 
 def load_metadata(data: bytes) -> dict[str, str]:
@@ -152,10 +155,9 @@ def _to_tensors(features: Features) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _from_tensors(tensors: dict[str, torch.Tensor], ids: list[str]) -> Features:
-    reps = tensors.pop(REPRESENTATIONS_KEY, None)
-    losses = tensors.pop(LOSSES_KEY)
-    return Features(ids, tensors, reps, losses)
+def _from_tensors(tensors: dict[str, torch.Tensor], ids: list[str], order: list[str]) -> Features:
+    reps = tensors.get(REPRESENTATIONS_KEY)
+    return Features(ids, {name: tensors[name] for name in order}, reps, tensors[LOSSES_KEY])
 
 
 def _concat(parts: list[Features]) -> Features:
