@@ -28,8 +28,8 @@ demo: install
 		--max-length 64 --learning-rate 1e-3 --show 3 --out $(DEMO_RUN)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 
 test: lint

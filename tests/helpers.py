@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llm_attribution.cli import main
 from llm_attribution.data.schema import Example, TaskData
 
 
@@ -18,3 +19,13 @@ def toy_task(n_train: int = 24, n_test: int = 6, n_classes: int = 3) -> TaskData
         tuple(make("train", i) for i in range(n_train)),
         tuple(make("test", i) for i in range(n_test)),
     )
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """``llm-attr ARGV`` in-process: (exit status, stdout, stderr); argparse exits become statuses."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

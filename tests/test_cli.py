@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_attribution.cli import main
+from tests.helpers import run_cli
 
 TINY = [
     "--model",
@@ -24,15 +25,6 @@ TINY = [
     "64",
     "--quiet",
 ]
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors exit through SystemExit
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
@@ -61,7 +53,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
 def test_bad_input_is_one_line_and_exit_2(case: int, tmp_path, capsys) -> None:
     name, argv, needle = _bad_inputs(tmp_path)[case]
     base = ["finetune", "--model", "tiny", "--quiet"]
-    code, _out, err = _run(base + argv, capsys)
+    code, _out, err = run_cli(base + argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2, (name, err)
     assert len(lines) == 1, (name, err)
@@ -71,13 +63,13 @@ def test_bad_input_is_one_line_and_exit_2(case: int, tmp_path, capsys) -> None:
 
 
 def test_unknown_subcommand_is_one_line(capsys) -> None:
-    code, _, err = _run(["explode"], capsys)
+    code, _, err = run_cli(["explode"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 
 def test_finetune_tiny_end_to_end(tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    code, out, err = _run(
+    code, out, err = run_cli(
         [
             "finetune",
             "--task",
@@ -103,11 +95,11 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys) -> None:
     assert len(data["train_ids"]) == 30 and len(data["test_ids"]) == 6
 
     # Same command again: reused, not retrained; other settings: refused with one line.
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         ["finetune", "--task", "grammars", *TINY, "--learning-rate", "3e-3", "--out", str(run)], capsys
     )
     assert code == 0 and "reused" in out
-    code, _, err = _run(
+    code, _, err = run_cli(
         ["finetune", "--task", "grammars", *TINY, "--learning-rate", "1e-3", "--out", str(run)], capsys
     )
     assert code == 2 and "learning_rate" in err and len(err.strip().splitlines()) == 1
@@ -135,7 +127,7 @@ def test_help_states_the_score_convention(capsys) -> None:
 @pytest.mark.shared
 def test_finetune_on_the_studys_grammars_with_tiny(shared_data_dir, tmp_path, capsys) -> None:
     run = tmp_path / "g"
-    code, _out, err = _run(
+    code, _out, err = run_cli(
         [
             "finetune",
             "--task",

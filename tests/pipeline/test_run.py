@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from llm_attribution.cli import main
 from llm_attribution.features import store as store_module
+from tests.helpers import run_cli
 
 METHODS = "hessian-free,datainf,lissa,exact,repsim"
 TINY_RUN = [
@@ -26,15 +27,6 @@ TINY_RUN = [
     "2",
     "--quiet",
 ]
-
-
-def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ def test_lissa_converges_to_exact_on_real_lora_gradients_given_depth(tiny_run, t
     exact = load_file(str(run / "scores" / "exact.safetensors"))["scores"]
     short = load_file(str(run / "scores" / "lissa.safetensors"))["scores"]
     argv = ["attribute", "--run", str(run), "--methods", "lissa", "--method-options", "lissa.depth=12000"]
-    code, _, err = _main(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     deep = load_file(str(run / "scores" / "lissa.safetensors"))["scores"]
     assert float((deep - exact).norm() / exact.norm()) < 1e-2
@@ -89,12 +81,12 @@ def test_attribute_rescores_from_stored_features(tiny_run, tmp_path, capsys, mon
         return original(self, examples, lambda chunk: calls.append(len(chunk)) or collect(chunk))
 
     monkeypatch.setattr(store_module.FeatureStore, "compute", counting)
-    code, out, err = _main(["attribute", "--run", str(run), "--methods", "hessian-free", "--quiet"], capsys)
+    code, out, err = run_cli(["attribute", "--run", str(run), "--methods", "hessian-free", "--quiet"], capsys)
     assert code == 0, err
     assert calls == []  # nothing recomputed
     assert "hessian-free" in out
     # another epoch's adapter: other weights, so its features are computed afresh
-    code, _, err = _main(
+    code, _, err = run_cli(
         ["attribute", "--run", str(run), "--methods", "hessian-free", "--epoch", "1", "--quiet"], capsys
     )
     assert code == 0, err
@@ -109,7 +101,7 @@ def test_corrupted_shard_is_named(tiny_run, capsys, tmp_path) -> None:
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
-    code, _, err = _main(
+    code, _, err = run_cli(
         [
             "attribute",
             "--run",
@@ -129,7 +121,7 @@ def test_corrupted_shard_is_named(tiny_run, capsys, tmp_path) -> None:
 def test_run_with_a_given_adapter(tiny_run, tmp_path, capsys) -> None:
     adapter = tiny_run[0] / "adapters" / "epoch-2"
     out = tmp_path / "given"
-    code, _, err = _main(
+    code, _, err = run_cli(
         ["run", *TINY_RUN, "--methods", "hessian-free,repsim", "--adapter", str(adapter), "--out", str(out)],
         capsys,
     )
@@ -153,7 +145,7 @@ def test_evaluate_reads_a_runs_scores(tiny_run, capsys, tmp_path) -> None:
     for split, examples in (("train", task.train), ("test", task.test)):
         rows = [{"id": e.id, "prompt": e.prompt, "response": e.response, "label": e.label} for e in examples]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out, err = _main(
+    code, out, err = run_cli(
         [
             "evaluate",
             "--scores",
@@ -174,7 +166,7 @@ def test_evaluate_reads_a_runs_scores(tiny_run, capsys, tmp_path) -> None:
     import numpy as np
 
     np.save(bad, np.zeros((3, 4)))
-    code, _, err = _main(["evaluate", "--scores", str(bad), "--data", str(folder), "--quiet"], capsys)
+    code, _, err = run_cli(["evaluate", "--scores", str(bad), "--data", str(folder), "--quiet"], capsys)
     assert code == 2 and "shape" in err
 
 
@@ -188,26 +180,26 @@ def test_evaluate_reads_a_runs_scores(tiny_run, capsys, tmp_path) -> None:
     ],
 )
 def test_bad_attribution_options(argv, needle, tmp_path, capsys) -> None:
-    code, _, err = _main(["run", *TINY_RUN, *argv, "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(["run", *TINY_RUN, *argv, "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
 
 
 def test_attribute_on_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
-    code, _, err = _main(["attribute", "--run", str(tmp_path), "--quiet"], capsys)
+    code, _, err = run_cli(["attribute", "--run", str(tmp_path), "--quiet"], capsys)
     assert code == 2 and "not a run" in err
 
 
 def test_run_epoch_option_matches_attribute_on_that_epoch(tiny_run, tmp_path, capsys) -> None:
     """`run --epoch 1` swaps adapter weights in place; `attribute --epoch 1` reloads them: same scores."""
     run = _copy(tiny_run, tmp_path)
-    code, _, err = _main(
+    code, _, err = run_cli(
         ["run", *TINY_RUN, "--methods", "hessian-free", "--epoch", "1", "--out", str(run)], capsys
     )
     assert code == 0, err
     in_place = load_file(str(run / "scores" / "hessian-free.safetensors"))["scores"]
     assert json.loads((run / "results.json").read_text())["epoch"] == 1
-    code, _, err = _main(
+    code, _, err = run_cli(
         ["attribute", "--run", str(run), "--methods", "hessian-free", "--epoch", "1", "--quiet"], capsys
     )
     assert code == 0, err
