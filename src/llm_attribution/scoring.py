@@ -34,7 +34,7 @@ from .attribution.base import (
 )
 from .data.schema import Example, TaskData, data_fingerprint
 from .data.templates import PromptSettings
-from .diagnostics.ihvp import ihvp_relative_errors, inner_product_methods, summarize
+from .diagnostics.ihvp import ihvp_directions, ihvp_relative_errors, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
@@ -242,7 +242,8 @@ def attribute_explained(
     adapter_sha256 = adapter_fingerprint(explained.adapter)
     methods = settings.build_methods()
     results = score_methods(methods, features["train"], features["test"], task)
-    ihvp = {}
+    ihvp: dict[str, dict[str, float]] = {}
+    cosines: dict[str, dict[str, dict[str, float]]] = {}
     if "exact" in methods:
         per_block = ihvp_relative_errors(
             features["train"].blocks,
@@ -251,6 +252,15 @@ def attribute_explained(
             reference=typing.cast(InnerProductMethod, methods["exact"]),
         )
         ihvp = {name: summarize(errors) for name, errors in per_block.items()}
+        directions = ihvp_directions(
+            features["train"].blocks,
+            features["test"].blocks,
+            inner_product_methods(methods, include_exact=True),
+            reference=typing.cast(InnerProductMethod, methods["exact"]),
+        )
+        cosines = {
+            name: {key: summarize(values) for key, values in d.items()} for name, d in directions.items()
+        }
     train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
@@ -268,6 +278,8 @@ def attribute_explained(
         }
         if name in ihvp:
             record["methods"][name]["ihvp_relative_error_vs_exact"] = ihvp[name]
+        if name in cosines:
+            record["methods"][name]["ihvp_cosine"] = cosines[name]
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",

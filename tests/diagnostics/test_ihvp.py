@@ -35,3 +35,15 @@ def test_converged_lissa_is_close_and_short_lissa_is_not() -> None:
 def test_inner_product_methods_leaves_out_references() -> None:
     methods = {name: get_method(name) for name in ("hessian-free", "datainf", "exact", "repsim", "lissa")}
     assert sorted(inner_product_methods(methods)) == ["datainf", "lissa"]
+
+
+def test_directions_exact_is_one_over_lambda_when_damping_dominates() -> None:
+    from llm_attribution.diagnostics.ihvp import ihvp_directions
+
+    train, test = _blocks(10, 6, 4), _blocks(3, 6, 5)
+    huge = {"exact": get_method("exact", damping_scale=1e8), "datainf": get_method("datainf")}
+    cosines = ihvp_directions(train, test, huge, reference=huge["exact"])
+    assert min(cosines["exact"]["vs_gradient"].values()) > 1 - 1e-6
+    assert min(cosines["exact"]["vs_exact"].values()) > 1 - 1e-12
+    small = ihvp_directions(train, test, {"exact": get_method("exact", damping_scale=1e-3)})
+    assert max(small["exact"]["vs_gradient"].values()) < 0.99

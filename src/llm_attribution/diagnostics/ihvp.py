@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from ..attribution.base import GradientBlocks, InnerProductMethod, check_blocks, get_method
 
 
@@ -43,6 +45,42 @@ def ihvp_relative_errors(
     return errors
 
 
+def ihvp_directions(
+    train: GradientBlocks,
+    test: GradientBlocks,
+    methods: Mapping[str, InnerProductMethod],
+    reference: InnerProductMethod | None = None,
+    max_test: int = 20,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Scale-free view of the same products: per block, the mean over tests of the cosine between a
+    method's ``T(v)`` and exact's, and between ``T(v)`` and ``v`` itself (Hessian-free's direction).
+
+    A cosine with ``v`` near 1 for ``exact`` is the study's section-4.1 situation: the damped inverse acts
+    like ``I / lambda``, so inverse-Fisher scores rank like Hessian-free ones.
+    """
+    names, _, n_test = check_blocks(train, test)
+    reference = reference or get_method("exact")  # type: ignore[assignment]
+    rows = slice(0, min(max_test, n_test))
+    out: dict[str, dict[str, dict[str, float]]] = {
+        name: {"vs_exact": {}, "vs_gradient": {}} for name in methods
+    }
+    for block in names:
+        g_train = train[block].double()
+        if not bool(g_train.any()):
+            continue
+        v = test[block][rows].double()
+        exact = reference.transform_test(block, g_train, v)  # type: ignore[union-attr]
+        for name, method in methods.items():
+            approx = exact if method is reference else method.transform_test(block, g_train, v)
+            out[name]["vs_exact"][block] = _mean_row_cosine(approx, exact)
+            out[name]["vs_gradient"][block] = _mean_row_cosine(approx, v)
+    return out
+
+
+def _mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-300).mean())
+
+
 def summarize(errors: Mapping[str, float]) -> dict[str, float]:
     """Median, mean and max of per-block errors."""
     values: Sequence[float] = list(errors.values())
@@ -51,10 +89,14 @@ def summarize(errors: Mapping[str, float]) -> dict[str, float]:
     return {"median": statistics.median(values), "mean": statistics.fmean(values), "max": max(values)}
 
 
-def inner_product_methods(methods: Mapping[str, object]) -> dict[str, InnerProductMethod]:
-    """The methods among ``methods`` that approximate an inverse-Fisher product (not exact, not RepSim)."""
+def inner_product_methods(
+    methods: Mapping[str, object], include_exact: bool = False
+) -> dict[str, InnerProductMethod]:
+    """The methods among ``methods`` that approximate an inverse-Fisher product (not Hessian-free, not
+    RepSim; ``exact`` only when asked for)."""
+    left_out = ("hessian-free",) if include_exact else ("exact", "hessian-free")
     return {
         name: method
         for name, method in methods.items()
-        if isinstance(method, InnerProductMethod) and name not in ("exact", "hessian-free")
+        if isinstance(method, InnerProductMethod) and name not in left_out
     }
