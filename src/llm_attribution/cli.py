@@ -24,6 +24,7 @@ from .errors import UserError
 from .evaluation.metrics import evaluate
 from .evaluation.official import check_score_shape
 from .evaluation.score_files import FORMATS, read_scores
+from .evaluation.study import STUDY_FILE, StudySettings, run_study, study_markdown
 from .features.gradients import GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
@@ -50,17 +51,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="log debugging details")
 
 
-def _finetune_options(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, DataSettings, "data")
+def _finetune_options(parser: argparse.ArgumentParser, exclude_data: tuple[str, ...] = ()) -> None:
+    add_options(parser, DataSettings, "data", exclude=exclude_data)
     add_options(parser, ModelSettings, "model")
     add_options(parser, LoraSettings, "LoRA")
     add_options(parser, PromptSettings, "prompt")
     add_options(parser, TrainSettings, "training")
 
 
-def _finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+def _finetune_config(args: argparse.Namespace, **data_overrides: Any) -> FinetuneConfig:
     return FinetuneConfig(
-        data=from_args(DataSettings, args),
+        data=from_args(DataSettings, args, **data_overrides),
         model=from_args(ModelSettings, args),
         lora=from_args(LoraSettings, args),
         prompt=from_args(PromptSettings, args),
@@ -143,6 +144,20 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    study = from_args(StudySettings, args)
+    attribute = from_args(AttributeSettings, args)
+    config = _finetune_config(args, task=study.tasks[0])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the study")
+    record = run_study(study, config, attribute, from_args(GradientSettings, args), out)
+    print(study_markdown(record))
+    print(SCORE_CONVENTION)
+    print(f"study: {out / STUDY_FILE}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     data = from_args(DataSettings, args, task=args.data)
     task = load_task(data)
@@ -215,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(attr, GradientSettings, "gradients")
     _common(attr)
     attr.set_defaults(handler=cmd_attribute)
+
+    st = sub.add_parser(
+        "study",
+        help="the study's grid: tasks x methods x seeds, with intervals (resumable)",
+        description="Run tasks x methods x fine-tuning seeds into one folder (each cell an ordinary run, "
+        "reused when rerun), then report accuracy, coverage, AUC, AUPRC, MRR and P@10 with 95%% bootstrap "
+        "intervals over test examples and the spread over seeds. " + SCORE_CONVENTION,
+    )
+    st.add_argument("--out", required=True, help="study folder (one run folder per task and seed)")
+    add_options(st, StudySettings, "study")
+    _finetune_options(st, exclude_data=("task",))
+    add_options(st, AttributeSettings, "attribution")
+    add_options(st, GradientSettings, "gradients")
+    _common(st)
+    st.set_defaults(handler=cmd_study)
 
     ev = sub.add_parser(
         "evaluate",

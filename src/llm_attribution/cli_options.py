@@ -35,7 +35,12 @@ def _converter(tp: Any) -> Any:
         if inner is bool:
             return _parse_bool(text)
         if typing.get_origin(inner) is tuple:
-            return tuple(part.strip() for part in text.split(",") if part.strip())
+            item = typing.get_args(inner)[0] if typing.get_args(inner) else str
+            parts = [part.strip() for part in text.split(",") if part.strip()]
+            try:
+                return tuple(item(part) for part in parts)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid {item.__name__} in list: {text!r}") from None
         try:
             return inner(text)
         except ValueError:
@@ -55,7 +60,7 @@ def add_options(
             continue
         tp = hints[field.name]
         default = field.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{field.metadata.get('help', '')} (default: {shown})"
         choices = field.metadata.get("choices")
         if choices:

@@ -1,0 +1,71 @@
+"""`llm-attr study` on the tiny model: the grid, its statistics, and resuming without recomputation."""
+
+from __future__ import annotations
+
+import json
+
+from llm_attribution import pipeline as pipeline_module
+from llm_attribution.features import store as store_module
+from tests.helpers import run_cli
+
+ARGS = [
+    "study",
+    "--tasks",
+    "grammars,backdoor",
+    "--seeds",
+    "0,1",
+    "--model",
+    "tiny",
+    "--epochs",
+    "1",
+    "--train-limit",
+    "40",
+    "--test-limit",
+    "10",
+    "--max-length",
+    "48",
+    "--methods",
+    "hessian-free,datainf,repsim",
+    "--quiet",
+]
+
+
+def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "study"
+    code, stdout, err = run_cli([*ARGS, "--out", str(out)], capsys)
+    assert code == 0, err
+    record = json.loads((out / "study.json").read_text())
+    assert list(record["tasks"]) == ["grammars", "backdoor"]
+    for task in ("grammars", "backdoor"):
+        assert (out / task / "seed-0" / "results.json").is_file() and (out / task / "seed-1").is_dir()
+        for method in ("hessian-free", "datainf", "repsim"):
+            cell = record["tasks"][task][method]
+            for metric in (
+                "accuracy",
+                "coverage",
+                "auc",
+                "average_precision",
+                "reciprocal_rank",
+                "precision_at_10",
+            ):
+                m = cell[metric]
+                assert m["ci_low"] <= m["mean"] <= m["ci_high"], (task, method, metric)
+                assert m["seeds"]["n"] == 2
+            assert set(cell["accuracy"]["per_class"]) <= {"clean", "trigger"} or task == "grammars"
+    assert "| backdoor | repsim |" in stdout
+
+    # Rerunning the same command trains nothing and collects no feature again.
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline_module, "finetune", lambda *a, **k: calls.append("train"))
+    original = store_module.FeatureStore.compute
+    monkeypatch.setattr(
+        store_module.FeatureStore,
+        "compute",
+        lambda self, examples, collect: original(
+            self, examples, lambda c: calls.append("features") or collect(c)
+        ),
+    )
+    code, _, err = run_cli([*ARGS, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert calls == []
+    assert json.loads((out / "study.json").read_text())["tasks"] == record["tasks"]
