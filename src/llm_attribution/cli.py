@@ -25,13 +25,14 @@ from .evaluation.metrics import evaluate
 from .evaluation.official import check_score_shape
 from .evaluation.score_files import FORMATS, read_scores
 from .evaluation.study import STUDY_FILE, StudySettings, run_study, study_markdown
+from .explain import explain, format_explanation
 from .features.gradients import GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
 from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, open_run, select_epoch
 from .progress import set_quiet
 from .run_layout import SETTINGS_FILE
-from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained
+from .scoring import RESULTS_FILE, STUDY_METHODS, AttributeSettings, attribute_explained
 from .storage import read_json
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
@@ -158,6 +159,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    explanation = explain(
+        Path(args.run), args.prompt, args.response, methods=args.methods, top=args.top, epoch=args.epoch
+    )
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2))
+    else:
+        print(format_explanation(explanation))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     data = from_args(DataSettings, args, task=args.data)
     task = load_task(data)
@@ -246,6 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common(st)
     st.set_defaults(handler=cmd_study)
 
+    ex = sub.add_parser(
+        "explain",
+        help="the training examples that most support the model's answer to a new prompt",
+        description="For one prompt (and the model's own answer, unless --response is given), each method's "
+        "top training examples with their scores, labels and text. " + SCORE_CONVENTION,
+    )
+    ex.add_argument("--run", required=True, help="a run folder made by `llm-attr run` or `finetune`")
+    ex.add_argument("--prompt", required=True, help="the prompt to explain")
+    ex.add_argument(
+        "--response", default=None, help="the answer to explain (default: the model's greedy answer)"
+    )
+    ex.add_argument("--top", type=_positive_int, default=10, help="training examples shown per method")
+    ex.add_argument(
+        "--methods",
+        type=_method_list,
+        default=STUDY_METHODS,
+        metavar="LIST",
+        help="comma-separated methods (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
+    )
+    ex.add_argument("--json", action="store_true", help="print the rankings as JSON")
+    _common(ex)
+    ex.set_defaults(handler=cmd_explain)
+
     ev = sub.add_parser(
         "evaluate",
         help="accuracy and coverage of any score matrix",
@@ -269,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.set_defaults(handler=cmd_evaluate)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        AttributeSettings(methods=names)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
 
 
 def _show_option(parser: argparse.ArgumentParser) -> None:

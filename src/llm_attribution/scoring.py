@@ -150,6 +150,17 @@ class MethodResult:
     settings: dict[str, Any]
 
 
+def score_features(method: Method, train: Features, test: Features) -> torch.Tensor:
+    """``[n_test, n_train]`` scores of one method on stored features; HIGHER = more supportive."""
+    if method.kind == GRADIENT:
+        return typing.cast(AttributionMethod, method).score(train.blocks, test.blocks)
+    if train.representations is None or test.representations is None:
+        raise ConfigError(f"{method.name} needs representations, which these features do not hold")
+    return typing.cast(RepresentationMethod, method).score_representations(
+        train.representations, test.representations
+    )
+
+
 def score_methods(
     methods: Mapping[str, Method], train: Features, test: Features, task: TaskData
 ) -> dict[str, MethodResult]:
@@ -159,14 +170,7 @@ def score_methods(
     results = {}
     for name, method in methods.items():
         start = time.perf_counter()
-        if method.kind == GRADIENT:
-            scores = typing.cast(AttributionMethod, method).score(train.blocks, test.blocks)
-        else:
-            if train.representations is None or test.representations is None:
-                raise ConfigError(f"{name} needs representations, which these features do not hold")
-            scores = typing.cast(RepresentationMethod, method).score_representations(
-                train.representations, test.representations
-            )
+        scores = score_features(method, train, test)
         seconds = time.perf_counter() - start
         metrics = evaluate(scores, train_labels, test_labels)
         log.info("scored %s in %.2f s", name, seconds)
@@ -191,6 +195,16 @@ def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test
 RESULTS_FILE = "results.json"
 
 
+def run_identity(explained: Explained, model_settings: ModelSettings) -> dict[str, Any]:
+    """What, besides data and template, determines a run's features: the model and the adapter's weights."""
+    return {
+        "model": explained.loaded.spec,
+        "source": explained.loaded.source,
+        "dtype": model_settings.dtype,
+        "adapter_sha256": adapter_fingerprint(explained.adapter),
+    }
+
+
 def collect_run_features(
     explained: Explained,
     prompt: PromptSettings,
@@ -199,12 +213,7 @@ def collect_run_features(
     shard_size: int = 256,
 ) -> tuple[dict[str, Features], dict[str, float]]:
     """Train and test features of a run's model (from the store when already computed), with timings."""
-    identity = {
-        "model": explained.loaded.spec,
-        "source": explained.loaded.source,
-        "dtype": model_settings.dtype,
-        "adapter_sha256": adapter_fingerprint(explained.adapter),
-    }
+    identity = run_identity(explained, model_settings)
     timings: dict[str, float] = {}
     features = {}
     for split, examples in (("train", explained.task.train), ("test", explained.task.test)):

@@ -67,11 +67,15 @@ class FeatureStore:
 
     def _manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
-            return {"fingerprint": self.fingerprint, "shards": {}}
+            return {"fingerprint": self.fingerprint, "shard_size": self.shard_size, "shards": {}}
         manifest = read_json(self.manifest_path)
         if manifest.get("fingerprint") != self.fingerprint:
             # Same hash, other content: never reuse (and never overwrite silently).
             raise RunError(f"{self.folder} holds features of other settings; delete it to recompute")
+        if manifest.get("shard_size", self.shard_size) != self.shard_size:
+            raise RunError(
+                f"{self.folder} was stored with --shard-size {manifest['shard_size']}; pass it, or delete it"
+            )
         return manifest
 
     def complete(self, n: int) -> bool:
