@@ -8,6 +8,7 @@ output MORE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .api import collect
 from .cli_options import add_options, from_args
 from .data.loaders import load_task
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
+from .diagnostics.spectrum import spectra, summarize_spectra
 from .errors import UserError
 from .evaluation.metrics import evaluate
 from .evaluation.official import check_score_shape
@@ -33,7 +36,7 @@ from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_
 from .progress import set_quiet
 from .run_layout import SETTINGS_FILE
 from .scoring import RESULTS_FILE, STUDY_METHODS, AttributeSettings, attribute_explained
-from .storage import read_json
+from .storage import read_json, write_json_atomic
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
 EXIT_USER_ERROR = 2
@@ -170,6 +173,35 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    train, test = collect(run, epoch=args.epoch)
+    per_block = spectra(train.blocks, test.blocks, damping_scale=args.damping_scale)
+    summary = summarize_spectra(per_block)
+    record = {
+        "summary": summary,
+        "damping_scale": args.damping_scale,
+        "epoch": args.epoch,
+        "blocks": {name: dataclasses.asdict(s) for name, s in per_block.items()},
+    }
+    write_json_atomic(run / "diagnostics" / "spectrum.json", record)
+    print(
+        f"{'block':<40} {'n':>5} {'d':>6} {'rank':>5} {'eff.rank':>8} {'top eig':>10} {'damping':>10} "
+        f"{'dirs<damp':>9} {'test energy<damp':>16}"
+    )
+    for name, s in per_block.items():
+        print(
+            f"{name:<40} {s.n:>5} {s.d:>6} {s.rank:>5} {s.effective_rank:>8.1f} {s.top_eigenvalue:>10.3g} "
+            f"{s.damping:>10.3g} {s.share_directions_below_damping:>9.3f} "
+            f"{s.share_test_energy_below_damping:>16.3f}"
+        )
+    print(
+        "median over blocks: " + ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in summary.items())
+    )
+    print(f"spectrum: {run / 'diagnostics' / 'spectrum.json'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     data = from_args(DataSettings, args, task=args.data)
     task = load_task(data)
@@ -283,6 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="print the rankings as JSON")
     _common(ex)
     ex.set_defaults(handler=cmd_explain)
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="the study's section-4 analyses of a run",
+        description="Why influence functions fail: analyses of a run's Fisher and gradients.",
+    )
+    diag_sub = diag.add_subparsers(dest="diagnostic", required=True, parser_class=OneLineParser)
+    spec = diag_sub.add_parser(
+        "spectrum",
+        help="eigenvalues of each block's empirical Fisher against the damping",
+        description="Per LoRA block: rank and effective rank of the empirical Fisher, its top eigenvalue, "
+        "the damping, the share of directions below the damping, and the share of test-gradient energy there "
+        "(where (F + lambda I)^-1 acts like I / lambda).",
+    )
+    spec.add_argument("--run", required=True, help="a run folder")
+    spec.add_argument(
+        "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
+    )
+    spec.add_argument(
+        "--damping-scale", type=float, default=0.1, help="damping = scale x mean squared gradient"
+    )
+    _common(spec)
+    spec.set_defaults(handler=cmd_diagnose_spectrum)
 
     ev = sub.add_parser(
         "evaluate",
