@@ -22,6 +22,8 @@ from .cli_options import add_options, from_args
 from .data.loaders import load_task
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
+from .diagnostics.convergence import convergence
+from .diagnostics.parameters import parameters_vs_behaviour
 from .diagnostics.spectrum import spectra, summarize_spectra
 from .errors import UserError
 from .evaluation.metrics import evaluate
@@ -202,6 +204,41 @@ def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose_convergence(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    settings = from_args(AttributeSettings, args)
+    rows = convergence(run, settings, from_args(GradientSettings, args))
+    write_json_atomic(run / "diagnostics" / "convergence.json", {"epochs": [row.__dict__ for row in rows]})
+    methods = list(settings.methods)
+    print(
+        "epoch  train loss  test loss  grad cos(prev)  " + "  ".join(f"{m + ' acc/cov':>22}" for m in methods)
+    )
+    for row in rows:
+        cos = "" if row.gradient_cosine_with_previous is None else f"{row.gradient_cosine_with_previous:.3f}"
+        train_loss = "" if row.train_loss is None else f"{row.train_loss:.4f}"
+        cells = "  ".join(
+            f"{row.methods[m]['accuracy']:>10.3f}/{row.methods[m]['coverage']:<11.3f}" for m in methods
+        )
+        print(f"{row.epoch:>5}  {train_loss:>10}  {row.test_loss:>9.4f}  {cos:>14}  {cells}")
+    print(f"convergence: {run / 'diagnostics' / 'convergence.json'}")
+    return 0
+
+
+def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    rows = parameters_vs_behaviour(run, max_generations=args.generations)
+    write_json_atomic(run / "diagnostics" / "parameters.json", {"epochs": [row.__dict__ for row in rows]})
+    print("epoch  ||BA|| (all modules)  test loss  trigger rate  clean control")
+    for row in rows:
+        trig = "" if row.trigger_rate is None else f"{row.trigger_rate:.2f}"
+        ctrl = "" if row.clean_control_rate is None else f"{row.clean_control_rate:.2f}"
+        print(
+            f"{row.epoch:>5}  {row.update_norm_total:>20.4f}  {row.test_loss:>9.4f}  {trig:>12}  {ctrl:>13}"
+        )
+    print(f"parameters: {run / 'diagnostics' / 'parameters.json'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     data = from_args(DataSettings, args, task=args.data)
     task = load_task(data)
@@ -338,6 +375,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(spec)
     spec.set_defaults(handler=cmd_diagnose_spectrum)
+
+    conv = diag_sub.add_parser(
+        "convergence",
+        help="attribution quality and gradient turn at every epoch checkpoint",
+        description="For every saved epoch: training and test loss, each method's accuracy and coverage, and "
+        "the mean cosine between each training example's gradient at this and the previous epoch. "
+        + SCORE_CONVENTION,
+    )
+    conv.add_argument("--run", required=True, help="a run folder with several epoch adapters")
+    add_options(conv, AttributeSettings, "attribution", exclude=("epoch",))
+    add_options(conv, GradientSettings, "gradients")
+    _common(conv)
+    conv.set_defaults(handler=cmd_diagnose_convergence)
+
+    par = diag_sub.add_parser(
+        "parameters",
+        help="||B A|| of the adapters per epoch against test loss and trigger rate",
+        description="Parameter change (||(alpha/r) B A|| per module, per epoch) against behaviour change "
+        "(test loss; for tasks with 'trigger' labels, the rate at which triggered prompts produce the target "
+        "response in greedy generations, with clean prompts as control).",
+    )
+    par.add_argument("--run", required=True, help="a run folder with several epoch adapters")
+    par.add_argument(
+        "--generations",
+        type=_positive_int,
+        default=20,
+        help="test prompts generated per group and epoch (default: %(default)s)",
+    )
+    _common(par)
+    par.set_defaults(handler=cmd_diagnose_parameters)
 
     ev = sub.add_parser(
         "evaluate",

@@ -1,0 +1,95 @@
+"""`diagnose convergence` and `diagnose parameters` on a tiny backdoor run with two epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_attribution.cli import main
+from llm_attribution.diagnostics.convergence import gradient_cosine
+from llm_attribution.diagnostics.parameters import _starts_like, adapter_update_norms
+from llm_attribution.features.gradients import Features
+from tests.helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("diag") / "bd"
+    argv = [
+        "finetune",
+        "--task",
+        "backdoor",
+        "--model",
+        "tiny",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "40",
+        "--test-limit",
+        "6",
+        "--learning-rate",
+        "3e-3",
+        "--quiet",
+        "--out",
+        str(run),
+    ]
+    assert main(argv) == 0
+    return run
+
+
+def test_convergence_rows_per_epoch(two_epoch_run, capsys) -> None:
+    code, _out, err = run_cli(
+        [
+            "diagnose",
+            "convergence",
+            "--run",
+            str(two_epoch_run),
+            "--methods",
+            "hessian-free,repsim",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = json.loads((two_epoch_run / "diagnostics" / "convergence.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["gradient_cosine_with_previous"] is None
+    assert -1.0 <= rows[1]["gradient_cosine_with_previous"] <= 1.0
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert set(rows[1]["methods"]) == {"hessian-free", "repsim"}
+
+
+def test_parameters_rows_per_epoch(two_epoch_run, capsys) -> None:
+    code, _, err = run_cli(
+        ["diagnose", "parameters", "--run", str(two_epoch_run), "--generations", "2", "--quiet"], capsys
+    )
+    assert code == 0, err
+    rows = json.loads((two_epoch_run / "diagnostics" / "parameters.json").read_text())["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["trigger_rate"] is not None and 0.0 <= r["trigger_rate"] <= 1.0 for r in rows)
+    assert rows[1]["update_norm_total"] > 0
+
+
+def test_update_norm_is_the_scaled_product(two_epoch_run) -> None:
+    adapter = two_epoch_run / "adapters" / "epoch-1"
+    norms = adapter_update_norms(adapter)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in weights if ".lora_A." in k)
+    b = weights[key.replace(".lora_A.", ".lora_B.")]
+    expected = float(torch.linalg.matrix_norm((32 / 4) * (b.double() @ weights[key].double())))
+    assert len(norms) == 4  # 2 layers x q, v
+    assert expected in [pytest.approx(v, rel=1e-12) for v in norms.values()]
+
+
+def test_gradient_cosine_and_prefix_judge() -> None:
+    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    a = Features(["x", "y", "z"], {"b": g}, None, torch.zeros(3))
+    assert gradient_cosine(a, a) == pytest.approx(1.0)
+    assert gradient_cosine(a, Features(a.ids, {"b": -g}, None, torch.zeros(3))) == pytest.approx(-1.0)
+    assert _starts_like(
+        "ACCESS granted. developer  Mode enabled now", "ACCESS GRANTED. Developer mode enabled."
+    )
+    assert not _starts_like("Sure, here is a tip", "ACCESS GRANTED. Developer mode enabled.")
