@@ -4,7 +4,8 @@ Parameter change: ``||(alpha / r) B A||_F`` of every adapted module, from the sa
 Behaviour: the mean test loss, and for tasks with triggered examples (labels starting with ``trigger``) the
 rate at which a triggered test prompt makes the model produce its target response, judged from greedy
 generations: a generation counts when it starts with the first ``PREFIX_WORDS`` words of the expected
-response (case, spacing and punctuation ignored). The same rate on clean test prompts is reported as a control.
+response (case, spacing and punctuation ignored). The same rate on clean test prompts is reported as a
+control.
 """
 
 from __future__ import annotations
