@@ -66,5 +66,7 @@ def evaluate(
     settings = data if isinstance(data, DataSettings) else DataSettings(task=str(data))
     task = load_task(settings)
     matrix = scores if isinstance(scores, torch.Tensor) else read_scores(scores, scores_format)
-    check_score_shape(matrix, len(task.test), len(task.train), "scores")
+    check_score_shape(
+        matrix, len(task.test), len(task.train), "scores" if isinstance(scores, torch.Tensor) else scores
+    )
     return _evaluate(matrix, [e.label for e in task.train], [e.label for e in task.test])

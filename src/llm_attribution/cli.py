@@ -17,28 +17,24 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .api import collect
+from .api import attribute, collect, evaluate
 from .cli_options import add_options, from_args
-from .data.loaders import load_task
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
 from .diagnostics.convergence import convergence
 from .diagnostics.parameters import parameters_vs_behaviour
 from .diagnostics.spectrum import spectra, summarize_spectra
 from .errors import UserError
-from .evaluation.metrics import evaluate
-from .evaluation.official import check_score_shape
-from .evaluation.score_files import FORMATS, read_scores
+from .evaluation.score_files import FORMATS
 from .evaluation.study import STUDY_FILE, StudySettings, run_study, study_markdown
 from .explain import explain, format_explanation
 from .features.gradients import GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
-from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, open_run, select_epoch
+from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
 from .progress import set_quiet
-from .run_layout import SETTINGS_FILE
 from .scoring import RESULTS_FILE, STUDY_METHODS, AttributeSettings, attribute_explained
-from .storage import read_json, write_json_atomic
+from .storage import write_json_atomic
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
 EXIT_USER_ERROR = 2
@@ -140,12 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    attribute = from_args(AttributeSettings, args)
-    gradients = from_args(GradientSettings, args)
-    run = Path(args.run)
-    explained = open_run(run, attribute.epoch)
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    settings = from_args(AttributeSettings, args)
+    record = attribute(
+        args.run, settings.methods, settings.method_options, settings.epoch, from_args(GradientSettings, args)
+    )
     _print_methods(record)
     return 0
 
@@ -240,24 +234,19 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    data = from_args(DataSettings, args, task=args.data)
-    task = load_task(data)
-    scores = read_scores(args.scores, args.scores_format)
-    check_score_shape(scores, len(task.test), len(task.train), args.scores)
-    metrics = evaluate(scores, [e.label for e in task.train], [e.label for e in task.test])
+    metrics = evaluate(args.scores, from_args(DataSettings, args, task=args.data), args.scores_format)
     result = {
         "accuracy": metrics.accuracy,
         "coverage": metrics.coverage,
         "k": metrics.k,
-        "n_train": len(task.train),
-        "n_test": len(task.test),
+        "n_test": len(metrics.per_test_hit),
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"accuracy {metrics.accuracy:.4f}  coverage {metrics.coverage:.4f}  (k = {metrics.k}, "
-            f"{len(task.test)} test x {len(task.train)} train)"
+            f"{result['n_test']} test examples)"
         )
     return 0
 

@@ -18,10 +18,8 @@ import torch
 from .data.schema import Example
 from .features.gradients import GradientSettings, collect_features
 from .models.generate import generate_answers
-from .pipeline import FinetuneConfig, open_run
-from .run_layout import SETTINGS_FILE
+from .pipeline import open_run
 from .scoring import STUDY_METHODS, AttributeSettings, collect_split, run_identity, score_features
-from .storage import read_json
 
 QUERY_ID = "query"
 
@@ -69,7 +67,7 @@ def explain(
     """Rank the run's training examples by how much each supports ``response`` (generated when None)."""
     settings = AttributeSettings(methods=tuple(methods), epoch=epoch)
     explained = open_run(run, epoch)
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    config = explained.config
     generated = response is None
     if response is None:
         [response] = generate_answers(

@@ -6,9 +6,10 @@ and metrics; ``attribute`` re-scores an existing run. Scores: HIGHER = supports 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class Explained:
     """A fine-tuned model ready to explain: the task, the model with its adapter, and where it came from."""
 
     run: Path
+    config: FinetuneConfig
     task: TaskData
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
@@ -175,7 +177,7 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
         )
         reused = False
     after = _answers(model, loaded.tokenizer, examples, config.prompt)
-    explained = Explained(run, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
+    explained = Explained(run, config, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
     return FinetuneReport(explained, saved_epochs(run), curve, reused, list(examples), before, after)
 
 
@@ -185,7 +187,7 @@ def explain_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> Explain
     _, loaded = _start_run(run, run_settings(config, task, adapter), config.model)
     write_json_atomic(run / DATA_FILE, _data_record(task))
     model = load_adapter(loaded.model, adapter)
-    return Explained(run, task, model, loaded.tokenizer, loaded, adapter, None)
+    return Explained(run, config, task, model, loaded.tokenizer, loaded, adapter, None)
 
 
 def open_run(run: Path, epoch: int | None = None) -> Explained:
@@ -209,7 +211,7 @@ def open_run(run: Path, epoch: int | None = None) -> Explained:
             raise RunError(f"{run} has no adapter for epoch {epoch} (it has {', '.join(map(str, epochs))})")
         adapter = adapter_dir(run, epoch)
     model = load_adapter(loaded.model, adapter)
-    return Explained(run, task, model, loaded.tokenizer, loaded, adapter, epoch)
+    return Explained(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch)
 
 
 def select_epoch(explained: Explained, epoch: int | None) -> Explained:
@@ -223,9 +225,18 @@ def select_epoch(explained: Explained, epoch: int | None) -> Explained:
         raise RunError(f"{explained.run} has no adapter for epoch {epoch}")
     set_peft_model_state_dict(explained.model, load_file(path / "adapter_model.safetensors"))
     explained.model.eval()
-    return Explained(
-        explained.run, explained.task, explained.model, explained.tokenizer, explained.loaded, path, epoch
-    )
+    return dataclasses.replace(explained, adapter=path, epoch=epoch)
+
+
+def run_epochs(run: Path) -> Iterator[Explained]:
+    """The run's model at every saved epoch, oldest first (adapter weights swapped in place)."""
+    epochs = saved_epochs(run)
+    if not epochs:
+        raise RunError(f"{run} holds no epoch adapters (it explains an adapter given with --adapter)")
+    explained = open_run(run, epochs[0])
+    for epoch in epochs:
+        explained = select_epoch(explained, epoch)
+        yield explained
 
 
 def _spread(examples: Sequence[Example], count: int) -> list[Example]:

@@ -8,6 +8,7 @@ attribution quality to move with the epoch, not to settle: this makes that visib
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 from ..features.gradients import Features, GradientSettings
-from ..pipeline import FinetuneConfig, open_run, select_epoch
-from ..run_layout import FINETUNE_FILE, SETTINGS_FILE, saved_epochs
+from ..pipeline import run_epochs
+from ..run_layout import FINETUNE_FILE
 from ..scoring import AttributeSettings, collect_run_features, score_methods
 from ..storage import read_json
 
@@ -49,14 +50,11 @@ def convergence(
     run: Path, settings: AttributeSettings, gradients: GradientSettings | None = None
 ) -> list[EpochRow]:
     """One :class:`EpochRow` per saved epoch, oldest first (features of each epoch are stored and reused)."""
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    epochs = saved_epochs(run)
-    explained = open_run(run, epochs[0] if epochs else None)
     losses = read_json(run / FINETUNE_FILE)["loss"]["epoch_loss"] if (run / FINETUNE_FILE).is_file() else []
     rows: list[EpochRow] = []
     previous: Features | None = None
-    for epoch in epochs:
-        explained = select_epoch(explained, epoch)
+    for explained in run_epochs(run):
+        epoch, config = typing.cast(int, explained.epoch), explained.config
         features, _ = collect_run_features(
             explained, config.prompt, gradients or GradientSettings(), config.model, settings.shard_size
         )

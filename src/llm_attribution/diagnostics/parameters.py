@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,8 @@ from ..data.schema import Example
 from ..data.templates import PromptSettings, collate, encode_examples
 from ..features.gradients import per_example_losses
 from ..models.generate import generate_answers
-from ..pipeline import FinetuneConfig, open_run, select_epoch
-from ..run_layout import SETTINGS_FILE, adapter_dir, saved_epochs
-from ..storage import read_json
+from ..pipeline import run_epochs
+from ..run_layout import adapter_dir
 
 PREFIX_WORDS = 5
 
@@ -88,15 +88,11 @@ def parameters_vs_behaviour(
     run: Path, max_generations: int = 20, max_new_tokens: int = 24
 ) -> list[ParameterRow]:
     """One row per saved epoch: adapter update norms, test loss, and (backdoor tasks) trigger rates."""
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    epochs = saved_epochs(run)
-    explained = open_run(run, epochs[0] if epochs else None)
-    test = explained.task.test
-    triggered = [e for e in test if e.label.startswith("trigger")][:max_generations]
-    clean = [e for e in test if not e.label.startswith("trigger")][:max_generations]
     rows = []
-    for epoch in epochs:
-        explained = select_epoch(explained, epoch)
+    for explained in run_epochs(run):
+        epoch, config, test = typing.cast(int, explained.epoch), explained.config, explained.task.test
+        triggered = [e for e in test if e.label.startswith("trigger")][:max_generations]
+        clean = [e for e in test if not e.label.startswith("trigger")][:max_generations]
         norms = adapter_update_norms(adapter_dir(run, epoch))
         rates: list[float | None] = [None, None]
         if triggered:
