@@ -33,6 +33,7 @@ from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
 from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
 from .progress import set_quiet
+from .report.build import build_report, write_report
 from .scoring import RESULTS_FILE, STUDY_METHODS, AttributeSettings, attribute_explained
 from .storage import write_json_atomic
 
@@ -233,6 +234,14 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    report = build_report(folder, Path(args.official_scores), Path(args.data_root))
+    html_path, md_path = write_report(report, folder)
+    print(f"report: {html_path}\nreport: {md_path}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.scores, from_args(DataSettings, args, task=args.data), args.scores_format)
     result = {
@@ -394,6 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(par)
     par.set_defaults(handler=cmd_diagnose_parameters)
+
+    rep = sub.add_parser(
+        "report",
+        help="report.html (self-contained, plots embedded) and report.md of a study or run folder",
+        description="Write DIR/report.html and DIR/report.md: the grid with 95%% intervals, the diagnostics "
+        "found in the runs, the study's 7B figures from its official score files, and top training examples. "
+        + SCORE_CONVENTION,
+    )
+    rep.add_argument(
+        "folder", metavar="DIR", help="a study folder (study.json) or a run folder (results.json)"
+    )
+    rep.add_argument(
+        "--official-scores",
+        default="../shared/data/official-scores",
+        help="the study's official score files, shown beside ours when present (default: %(default)s)",
+    )
+    rep.add_argument(
+        "--data-root",
+        default="../shared/data/paper-datasets",
+        help="the study's datasets, for the official scores' labels (default: %(default)s)",
+    )
+    _common(rep)
+    rep.set_defaults(handler=cmd_report)
 
     ev = sub.add_parser(
         "evaluate",

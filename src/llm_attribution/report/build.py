@@ -1,0 +1,191 @@
+"""``llm-attr report DIR``: a study or run folder as ``report.html`` (self-contained) and ``report.md``.
+
+Contents: the grid with 95% intervals (a single run counts as a one-seed grid), the diagnostics found in
+the run folders, the study's own 7B figures from its official score files where those exist, and each
+method's top training examples for a few test examples. Texts of datasets that are not built-in are cut
+short and marked, so a report never reproduces a harmful training example in full.
+Scores: HIGHER = the training example supports the test output more.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from ..data.builtin import BUILTIN_TASKS
+from ..data.loaders import load_task
+from ..data.schema import TaskData
+from ..errors import RunError
+from ..evaluation.study import STUDY_FILE, judge_task, study_markdown
+from ..pipeline import FinetuneConfig
+from ..run_layout import SETTINGS_FILE
+from ..scoring import RESULTS_FILE
+from ..storage import read_json, write_bytes_atomic
+from .figures import grid_figure, lines_figure, spectrum_figure
+from .official import official_table
+
+CUT = 80
+EXAMPLES = 3
+TOP = 3
+
+
+@dataclass
+class Report:
+    """Sections in order: (title, markdown text, figures as name -> PNG bytes)."""
+
+    sections: list[tuple[str, str, dict[str, bytes]]] = field(default_factory=list)
+
+    def add(self, title: str, text: str, figures: dict[str, bytes] | None = None) -> None:
+        self.sections.append((title, text, figures or {}))
+
+
+def _runs(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.rglob(RESULTS_FILE))
+
+
+def _task(run: Path) -> tuple[FinetuneConfig, TaskData]:
+    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    return config, load_task(config.data)
+
+
+def build_report(folder: Path, official_root: Path | None = None, data_root: Path | None = None) -> Report:
+    """Collect every section of the report for a study folder or a run folder."""
+    report = Report()
+    if (folder / STUDY_FILE).is_file():
+        record = read_json(folder / STUDY_FILE)
+    elif (folder / RESULTS_FILE).is_file():
+        _config, task = _task(folder)
+        methods = list(read_json(folder / RESULTS_FILE)["methods"])
+        labels = ([e.label for e in task.train], [e.label for e in task.test])
+        record = {"tasks": {task.name: judge_task({0: {"run": folder, "labels": labels}}, methods)}}
+    else:
+        raise RunError(
+            f"{folder} holds neither {STUDY_FILE} nor {RESULTS_FILE}; run `llm-attr study` or `run`"
+        )
+    report.add(
+        "Attribution grid",
+        "Mean over test examples (and seeds), [95% bootstrap interval over test examples]; seed sd = "
+        "standard deviation of accuracy over fine-tuning seeds. "
+        "Scores: higher = supports the test output more.\n\n" + study_markdown(record),
+        {f"grid-{m}": grid_figure(record["tasks"], m) for m in ("accuracy", "coverage")},
+    )
+    if official_root is not None and data_root is not None and official_root.is_dir():
+        report.add("The study's 7B figures (official score files)", official_table(official_root, data_root))
+    for run in _runs(folder):
+        _diagnostics(report, run, folder)
+    first = _runs(folder)[:1]
+    if first:
+        report.add(f"Top training examples ({first[0].relative_to(folder.parent)})", _examples(first[0]))
+    return report
+
+
+def _diagnostics(report: Report, run: Path, root: Path) -> None:
+    where = run.relative_to(root.parent)
+    diag = run / "diagnostics"
+    if (diag / "spectrum.json").is_file():
+        spectrum = read_json(diag / "spectrum.json")
+        summary = ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in spectrum["summary"].items())
+        report.add(
+            f"Fisher spectrum ({where})",
+            f"Medians over blocks: {summary}.",
+            {f"spectrum-{run.name}": spectrum_figure(spectrum["blocks"])},
+        )
+    if (diag / "convergence.json").is_file():
+        rows = read_json(diag / "convergence.json")["epochs"]
+        epochs = [r["epoch"] for r in rows]
+        methods = list(rows[0]["methods"]) if rows else []
+        series = {m: [r["methods"][m]["accuracy"] for r in rows] for m in methods}
+        report.add(
+            f"Convergence ({where})",
+            "Accuracy of each method with each epoch's adapter.",
+            {
+                f"convergence-{run.name}": lines_figure(
+                    epochs, series, "epoch", "accuracy", "Accuracy by epoch"
+                )
+            },
+        )
+    if (diag / "parameters.json").is_file():
+        rows = read_json(diag / "parameters.json")["epochs"]
+        epochs = [r["epoch"] for r in rows]
+        series = {
+            "||BA|| (all modules)": [r["update_norm_total"] for r in rows],
+            "test loss": [r["test_loss"] for r in rows],
+            "trigger rate": [r["trigger_rate"] for r in rows],
+        }
+        report.add(
+            f"Parameter change vs behaviour ({where})",
+            "Adapter update norm, test loss, trigger rate.",
+            {f"parameters-{run.name}": lines_figure(epochs, series, "epoch", "value", "Per epoch")},
+        )
+
+
+def _examples(run: Path) -> str:
+    config, task = _task(run)
+    safe = config.data.task in BUILTIN_TASKS
+
+    def show(text: str) -> str:
+        flat = " ".join(text.split())
+        return flat if safe else (flat[:CUT] + " [cut: not a built-in dataset]" if len(flat) > CUT else flat)
+
+    lines = []
+    picks = np.linspace(0, len(task.test) - 1, num=min(EXAMPLES, len(task.test))).astype(int)
+    for name in read_json(run / RESULTS_FILE)["methods"]:
+        scores = load_file(str(run / "scores" / f"{name}.safetensors"))["scores"].double().numpy()
+        for t in picks:
+            test = task.test[t]
+            lines.append(f"- **{name}**, test `{test.id}` [{test.label}]: {show(test.prompt)}")
+            for rank, i in enumerate(np.argsort(-scores[t], kind="stable")[:TOP], 1):
+                ex = task.train[i]
+                lines.append(
+                    f"  {rank}. {scores[t, i]:.4g} [{ex.label}] {show(ex.prompt)} => {show(ex.response)}"
+                )
+    return "\n".join(lines)
+
+
+def write_report(report: Report, folder: Path) -> tuple[Path, Path]:
+    """``report.md`` (figures as PNG files in ``report/``) and a self-contained ``report.html``."""
+    md, body = ["# llm-attribution report", ""], []
+    for title, text, figures in report.sections:
+        md += [f"## {title}", "", text, ""]
+        body.append(f"<h2>{html.escape(title)}</h2>{_md_to_html(text)}")
+        for name, png in figures.items():
+            write_bytes_atomic(folder / "report" / f"{name}.png", png)
+            md += [f"![{name}](report/{name}.png)", ""]
+            body.append(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>llm-attribution report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style></head><body>"
+        "<h1>llm-attribution report</h1>" + "".join(body) + "</body></html>"
+    )
+    write_bytes_atomic(folder / "report.md", "\n".join(md).encode())
+    write_bytes_atomic(folder / "report.html", page.encode())
+    return folder / "report.html", folder / "report.md"
+
+
+def _md_to_html(text: str) -> str:
+    """The few Markdown shapes the report uses: pipe tables, list lines, paragraphs."""
+    out, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *rows = table
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
+            table = []
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "".join(out)

@@ -1,0 +1,58 @@
+"""`llm-attr report` on tiny runs: a self-contained HTML page and Markdown, texts of user data cut short."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import run_cli
+
+
+def _dataset(folder, n_train=24, n_test=6):
+    folder.mkdir()
+    long_tail = " and then a long continuation that a report must not reproduce in full" * 3
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [
+            {"prompt": f"question {i}{long_tail}", "response": f"answer {i % 2}", "label": f"c{i % 2}"}
+            for i in range(n)
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_report_of_a_run_with_user_data(tmp_path, capsys) -> None:
+    data = _dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = [
+        "run",
+        "--task",
+        str(data),
+        "--model",
+        "tiny",
+        "--epochs",
+        "1",
+        "--methods",
+        "hessian-free,repsim",
+        "--max-length",
+        "48",
+        "--quiet",
+        "--out",
+        str(run),
+    ]
+    assert run_cli(argv, capsys)[0] == 0
+    assert run_cli(["diagnose", "spectrum", "--run", str(run), "--quiet"], capsys)[0] == 0
+    code, _out, err = run_cli(
+        ["report", str(run), "--official-scores", str(tmp_path / "none"), "--quiet"], capsys
+    )
+    assert code == 0, err
+    page = (run / "report.html").read_text()
+    md = (run / "report.md").read_text()
+    assert page.count("data:image/png;base64,") >= 3  # grid x2 and the spectrum, embedded
+    assert "<table>" in page and "| data | hessian-free |" in md
+    assert "[cut: not a built-in dataset]" in md
+    assert "must not reproduce in full and then" not in md
+    assert (run / "report" / "grid-accuracy.png").is_file()
+
+
+def test_report_on_a_folder_without_results(tmp_path, capsys) -> None:
+    code, _, err = run_cli(["report", str(tmp_path), "--quiet"], capsys)
+    assert code == 2 and "neither" in err
