@@ -34,7 +34,7 @@ from .attribution.base import (
 )
 from .data.schema import Example, TaskData, data_fingerprint
 from .data.templates import PromptSettings
-from .diagnostics.ihvp import ihvp_directions, ihvp_relative_errors, inner_product_methods, summarize
+from .diagnostics.ihvp import compare_ihvp, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
@@ -251,24 +251,21 @@ def attribute_explained(
     adapter_sha256 = adapter_fingerprint(explained.adapter)
     methods = settings.build_methods()
     results = score_methods(methods, features["train"], features["test"], task)
-    ihvp: dict[str, dict[str, float]] = {}
-    cosines: dict[str, dict[str, dict[str, float]]] = {}
+    # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
+    ihvp: dict[str, dict[str, dict[str, float]]] = {}
     if "exact" in methods:
-        per_block = ihvp_relative_errors(
-            features["train"].blocks,
-            features["test"].blocks,
-            inner_product_methods(methods),
-            reference=typing.cast(InnerProductMethod, methods["exact"]),
-        )
-        ihvp = {name: summarize(errors) for name, errors in per_block.items()}
-        directions = ihvp_directions(
+        compared = compare_ihvp(
             features["train"].blocks,
             features["test"].blocks,
             inner_product_methods(methods, include_exact=True),
             reference=typing.cast(InnerProductMethod, methods["exact"]),
         )
-        cosines = {
-            name: {key: summarize(values) for key, values in d.items()} for name, d in directions.items()
+        ihvp = {
+            name: {
+                key: summarize({b: c[key] for b, c in blocks.items()}) for key in next(iter(blocks.values()))
+            }
+            for name, blocks in compared.items()
+            if blocks
         }
     train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
     path = run / RESULTS_FILE
@@ -286,9 +283,12 @@ def attribute_explained(
             "scores": str(score_path.relative_to(run)),
         }
         if name in ihvp:
-            record["methods"][name]["ihvp_relative_error_vs_exact"] = ihvp[name]
-        if name in cosines:
-            record["methods"][name]["ihvp_cosine"] = cosines[name]
+            if name != "exact":
+                record["methods"][name]["ihvp_relative_error_vs_exact"] = ihvp[name]["relative_error"]
+            record["methods"][name]["ihvp_cosine"] = {
+                "vs_exact": ihvp[name]["cosine_vs_exact"],
+                "vs_gradient": ihvp[name]["cosine_vs_gradient"],
+            }
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",

@@ -9,11 +9,48 @@ close enough for its scores to mean what they claim (the study's section 4.1).
 from __future__ import annotations
 
 import statistics
+import typing
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..attribution.base import GradientBlocks, InnerProductMethod, check_blocks, get_method
+
+
+def compare_ihvp(
+    train: GradientBlocks,
+    test: GradientBlocks,
+    methods: Mapping[str, InnerProductMethod],
+    reference: InnerProductMethod | None = None,
+    max_test: int = 20,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {block: {"relative_error", "cosine_vs_exact", "cosine_vs_gradient"}}}``.
+
+    Each method transforms each block's test gradients once. Uses the first ``max_test`` test rows (the
+    error is a property of the block's Fisher, not of the particular tests); blocks with all-zero
+    training gradients are skipped. A ``cosine_vs_gradient`` near 1 for ``exact`` is the study's
+    section-4.1 situation: the damped inverse acts like ``I / lambda``, so inverse-Fisher scores rank like
+    Hessian-free ones.
+    """
+    names, _, n_test = check_blocks(train, test)
+    reference = reference or typing.cast(InnerProductMethod, get_method("exact"))
+    rows = slice(0, min(max_test, n_test))
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
+    for block in names:
+        g_train = train[block].double()
+        if not bool(g_train.any()):
+            continue
+        v = test[block][rows].double()
+        exact = reference.transform_test(block, g_train, v)
+        denominator = max(float(exact.norm()), 1e-300)
+        for name, method in methods.items():
+            approx = exact if method is reference else method.transform_test(block, g_train, v)
+            out[name][block] = {
+                "relative_error": float((approx - exact).norm()) / denominator,
+                "cosine_vs_exact": _mean_row_cosine(approx, exact),
+                "cosine_vs_gradient": _mean_row_cosine(approx, v),
+            }
+    return out
 
 
 def ihvp_relative_errors(
@@ -23,26 +60,9 @@ def ihvp_relative_errors(
     reference: InnerProductMethod | None = None,
     max_test: int = 20,
 ) -> dict[str, dict[str, float]]:
-    """``{method: {block: relative error}}`` of each method's transformed test gradients against exact.
-
-    Uses the first ``max_test`` test rows (the error is a property of the block's Fisher, not of the
-    particular tests); blocks with all-zero training gradients are skipped.
-    """
-    names, _, n_test = check_blocks(train, test)
-    reference = reference or get_method("exact")  # type: ignore[assignment]
-    rows = slice(0, min(max_test, n_test))
-    errors: dict[str, dict[str, float]] = {name: {} for name in methods}
-    for block in names:
-        g_train = train[block].double()
-        if not bool(g_train.any()):
-            continue
-        v = test[block][rows].double()
-        exact = reference.transform_test(block, g_train, v)  # type: ignore[union-attr]
-        denominator = float(exact.norm())
-        for name, method in methods.items():
-            approx = method.transform_test(block, g_train, v)
-            errors[name][block] = float((approx - exact).norm()) / max(denominator, 1e-300)
-    return errors
+    """``{method: {block: relative error against exact}}`` (see :func:`compare_ihvp`)."""
+    compared = compare_ihvp(train, test, methods, reference, max_test)
+    return {name: {b: c["relative_error"] for b, c in blocks.items()} for name, blocks in compared.items()}
 
 
 def ihvp_directions(
@@ -52,29 +72,12 @@ def ihvp_directions(
     reference: InnerProductMethod | None = None,
     max_test: int = 20,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Scale-free view of the same products: per block, the mean over tests of the cosine between a
-    method's ``T(v)`` and exact's, and between ``T(v)`` and ``v`` itself (Hessian-free's direction).
-
-    A cosine with ``v`` near 1 for ``exact`` is the study's section-4.1 situation: the damped inverse acts
-    like ``I / lambda``, so inverse-Fisher scores rank like Hessian-free ones.
-    """
-    names, _, n_test = check_blocks(train, test)
-    reference = reference or get_method("exact")  # type: ignore[assignment]
-    rows = slice(0, min(max_test, n_test))
-    out: dict[str, dict[str, dict[str, float]]] = {
-        name: {"vs_exact": {}, "vs_gradient": {}} for name in methods
+    """Per method, cosines ``{"vs_exact": {block: c}, "vs_gradient": {block: c}}`` (see compare_ihvp)."""
+    compared = compare_ihvp(train, test, methods, reference, max_test)
+    return {
+        name: {key: {b: c[f"cosine_{key}"] for b, c in blocks.items()} for key in ("vs_exact", "vs_gradient")}
+        for name, blocks in compared.items()
     }
-    for block in names:
-        g_train = train[block].double()
-        if not bool(g_train.any()):
-            continue
-        v = test[block][rows].double()
-        exact = reference.transform_test(block, g_train, v)  # type: ignore[union-attr]
-        for name, method in methods.items():
-            approx = exact if method is reference else method.transform_test(block, g_train, v)
-            out[name]["vs_exact"][block] = _mean_row_cosine(approx, exact)
-            out[name]["vs_gradient"][block] = _mean_row_cosine(approx, v)
-    return out
 
 
 def _mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
