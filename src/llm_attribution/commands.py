@@ -1,0 +1,230 @@
+"""The handlers behind each ``llm-attr`` subcommand: call the library, print what it found.
+
+Scores everywhere follow one convention: HIGHER = the training example supports the test output MORE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .api import attribute, collect, evaluate
+from .cli_options import from_args
+from .data.settings import DataSettings
+from .data.templates import PromptSettings
+from .diagnostics.convergence import convergence
+from .diagnostics.parameters import parameters_vs_behaviour
+from .diagnostics.spectrum import spectra, summarize_spectra
+from .errors import UserError
+from .evaluation.study import STUDY_FILE, StudySettings, run_study, study_markdown
+from .explain import explain, format_explanation
+from .features.gradients import GradientSettings
+from .models.finetune import TrainSettings
+from .models.settings import LoraSettings, ModelSettings
+from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
+from .report.build import build_report, write_report
+from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained
+from .storage import write_json_atomic
+
+SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
+
+
+def _finetune_config(args: argparse.Namespace, **data_overrides: Any) -> FinetuneConfig:
+    return FinetuneConfig(
+        data=from_args(DataSettings, args, **data_overrides),
+        model=from_args(ModelSettings, args),
+        lora=from_args(LoraSettings, args),
+        prompt=from_args(PromptSettings, args),
+        train=from_args(TrainSettings, args),
+    )
+
+
+def _print_finetune(report: FinetuneReport) -> None:
+    curve = report.curve
+    state = "reused (same settings)" if report.reused else "trained"
+    print(f"run: {report.run}  [{state}]")
+    print("epoch  mean train loss  seconds")
+    for epoch, (loss, seconds) in enumerate(zip(curve.epochs, curve.seconds_per_epoch, strict=True), 1):
+        print(f"{epoch:>5}  {loss:>15.4f}  {seconds:>7.1f}")
+    if len(curve.epochs) > 1:
+        trend = "fell" if curve.epochs[-1] < curve.epochs[0] else "did NOT fall"
+        print(f"loss {trend}: {curve.epochs[0]:.4f} -> {curve.epochs[-1]:.4f}")
+    print(f"adapters: {', '.join(f'epoch-{e}' for e in report.epochs)} in {report.run / 'adapters'}")
+    for example, before, after in zip(
+        report.examples, report.answers_before, report.answers_after, strict=True
+    ):
+        print(f"\n[{example.label}] {example.prompt}")
+        print(f"  expected: {example.response}")
+        print(f"  before:   {_one_line(before)}")
+        print(f"  after:    {_one_line(after)}")
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    report = finetune_run(_finetune_config(args), Path(args.out), show=args.show)
+    _print_finetune(report)
+    return 0
+
+
+def _print_methods(record: dict[str, Any]) -> None:
+    print(
+        f"\ntask {record['task']}: {record['n_train']} train, {record['n_test']} test, "
+        f"{record['n_classes']} classes; coverage k = {_first_k(record)}"
+    )
+    print("method          accuracy  coverage  seconds")
+    for name, row in record["methods"].items():
+        print(f"{name:<14}  {row['accuracy']:>8.3f}  {row['coverage']:>8.3f}  {row['seconds']:>7.2f}")
+    print(SCORE_CONVENTION)
+
+
+def _first_k(record: dict[str, Any]) -> int:
+    return next(iter(record["methods"].values()))["k"] if record["methods"] else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _finetune_config(args)
+    attribute = from_args(AttributeSettings, args)
+    gradients = from_args(GradientSettings, args)
+    run = Path(args.out)
+    if args.adapter:
+        explained = explain_adapter(config, run, Path(args.adapter))
+    else:
+        report = finetune_run(config, run, show=args.show)
+        _print_finetune(report)
+        explained = report.explained
+    explained = select_epoch(explained, attribute.epoch)
+    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    _print_methods(record)
+    print(f"results: {run / RESULTS_FILE}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    settings = from_args(AttributeSettings, args)
+    record = attribute(
+        args.run, settings.methods, settings.method_options, settings.epoch, from_args(GradientSettings, args)
+    )
+    _print_methods(record)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    study = from_args(StudySettings, args)
+    attribute = from_args(AttributeSettings, args)
+    config = _finetune_config(args, task=study.tasks[0])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the study")
+    record = run_study(study, config, attribute, from_args(GradientSettings, args), out)
+    print(study_markdown(record))
+    print(SCORE_CONVENTION)
+    print(f"study: {out / STUDY_FILE}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    explanation = explain(
+        Path(args.run), args.prompt, args.response, methods=args.methods, top=args.top, epoch=args.epoch
+    )
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2))
+    else:
+        print(format_explanation(explanation))
+    return 0
+
+
+def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    train, test = collect(run, epoch=args.epoch)
+    per_block = spectra(train.blocks, test.blocks, damping_scale=args.damping_scale)
+    summary = summarize_spectra(per_block)
+    record = {
+        "summary": summary,
+        "damping_scale": args.damping_scale,
+        "epoch": args.epoch,
+        "blocks": {name: dataclasses.asdict(s) for name, s in per_block.items()},
+    }
+    write_json_atomic(run / "diagnostics" / "spectrum.json", record)
+    print(
+        f"{'block':<40} {'n':>5} {'d':>6} {'rank':>5} {'eff.rank':>8} {'top eig':>10} {'damping':>10} "
+        f"{'dirs<damp':>9} {'test energy<damp':>16}"
+    )
+    for name, s in per_block.items():
+        print(
+            f"{name:<40} {s.n:>5} {s.d:>6} {s.rank:>5} {s.effective_rank:>8.1f} {s.top_eigenvalue:>10.3g} "
+            f"{s.damping:>10.3g} {s.share_directions_below_damping:>9.3f} "
+            f"{s.share_test_energy_below_damping:>16.3f}"
+        )
+    print(
+        "median over blocks: " + ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in summary.items())
+    )
+    print(f"spectrum: {run / 'diagnostics' / 'spectrum.json'}")
+    return 0
+
+
+def cmd_diagnose_convergence(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    settings = from_args(AttributeSettings, args)
+    rows = convergence(run, settings, from_args(GradientSettings, args))
+    write_json_atomic(run / "diagnostics" / "convergence.json", {"epochs": [row.__dict__ for row in rows]})
+    methods = list(settings.methods)
+    print(
+        "epoch  train loss  test loss  grad cos(prev)  " + "  ".join(f"{m + ' acc/cov':>22}" for m in methods)
+    )
+    for row in rows:
+        cos = "" if row.gradient_cosine_with_previous is None else f"{row.gradient_cosine_with_previous:.3f}"
+        train_loss = "" if row.train_loss is None else f"{row.train_loss:.4f}"
+        cells = "  ".join(
+            f"{row.methods[m]['accuracy']:>10.3f}/{row.methods[m]['coverage']:<11.3f}" for m in methods
+        )
+        print(f"{row.epoch:>5}  {train_loss:>10}  {row.test_loss:>9.4f}  {cos:>14}  {cells}")
+    print(f"convergence: {run / 'diagnostics' / 'convergence.json'}")
+    return 0
+
+
+def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    rows = parameters_vs_behaviour(run, max_generations=args.generations)
+    write_json_atomic(run / "diagnostics" / "parameters.json", {"epochs": [row.__dict__ for row in rows]})
+    print("epoch  ||BA|| (all modules)  test loss  trigger rate  clean control")
+    for row in rows:
+        trig = "" if row.trigger_rate is None else f"{row.trigger_rate:.2f}"
+        ctrl = "" if row.clean_control_rate is None else f"{row.clean_control_rate:.2f}"
+        print(
+            f"{row.epoch:>5}  {row.update_norm_total:>20.4f}  {row.test_loss:>9.4f}  {trig:>12}  {ctrl:>13}"
+        )
+    print(f"parameters: {run / 'diagnostics' / 'parameters.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    report = build_report(folder, Path(args.official_scores), Path(args.data_root))
+    html_path, md_path = write_report(report, folder)
+    print(f"report: {html_path}\nreport: {md_path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    metrics = evaluate(args.scores, from_args(DataSettings, args, task=args.data), args.scores_format)
+    result = {
+        "accuracy": metrics.accuracy,
+        "coverage": metrics.coverage,
+        "k": metrics.k,
+        "n_test": len(metrics.per_test_hit),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"accuracy {metrics.accuracy:.4f}  coverage {metrics.coverage:.4f}  (k = {metrics.k}, "
+            f"{result['n_test']} test examples)"
+        )
+    return 0
