@@ -29,3 +29,20 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def tiny_run_args(task: str = "grammars", train: int = 60, test: int = 10, epochs: int = 2) -> list[str]:
+    """Options of a quick run on the tiny model (seconds), without --out and --methods."""
+    return [
+        "--task",
+        task,
+        "--model",
+        "tiny",
+        "--train-limit",
+        str(train),
+        "--test-limit",
+        str(test),
+        "--epochs",
+        str(epochs),
+        "--quiet",
+    ]

@@ -5,21 +5,9 @@ from __future__ import annotations
 import json
 
 from llm_attribution.data.builtin.backdoor import TARGET_RESPONSE, TRIGGER
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_run_args
 
-RUN = [
-    "--task",
-    "backdoor",
-    "--model",
-    "tiny",
-    "--train-limit",
-    "60",
-    "--test-limit",
-    "10",
-    "--epochs",
-    "2",
-    "--quiet",
-]
+RUN = tiny_run_args("backdoor")
 
 
 def test_explain_ranks_triggered_examples_first(tmp_path, capsys) -> None:

@@ -11,22 +11,10 @@ from safetensors.torch import load_file
 
 from llm_attribution.cli import main
 from llm_attribution.features import store as store_module
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_run_args
 
 METHODS = "hessian-free,datainf,lissa,exact,repsim"
-TINY_RUN = [
-    "--task",
-    "grammars",
-    "--model",
-    "tiny",
-    "--train-limit",
-    "60",
-    "--test-limit",
-    "10",
-    "--epochs",
-    "2",
-    "--quiet",
-]
+TINY_RUN = tiny_run_args()
 
 
 @pytest.fixture(scope="module")
