@@ -5,6 +5,7 @@ RUN/
   settings.json        every setting that produced the run (compared before anything is reused)
   data.json            the train and test example ids the run used, in order
   finetune.json        loss curve (per step and per epoch), timings, versions
+  train_state.pt       optimizer, schedule and random states after the last finished epoch (for resuming)
   adapters/epoch-1/    peft adapter (adapter_model.safetensors + adapter_config.json) after epoch 1
   adapters/epoch-2/    ...
 ```
@@ -18,6 +19,8 @@ SETTINGS_FILE = "settings.json"
 DATA_FILE = "data.json"
 FINETUNE_FILE = "finetune.json"
 ADAPTERS_DIR = "adapters"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_STATE_FILE = "train_state.pt"
 
 
 def adapter_dir(run: Path, epoch: int) -> Path:

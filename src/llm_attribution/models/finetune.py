@@ -7,23 +7,26 @@ and settings give bit-identical adapters on the CPU.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from ..errors import UserError
 from ..progress import ProgressBar
-from ..run_layout import adapter_dir
+from ..run_layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from ..settings import option, require, require_positive
-from ..storage import atomic_dir
+from ..storage import atomic_dir, write_bytes_atomic
 from .lora import lora_parameters
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,10 @@ def finetune(
 ) -> LossCurve:
     """Train the LoRA weights of ``model`` on ``train``; save ``adapters/epoch-K`` after each epoch.
 
-    The LoRA initialisation must already be seeded by the caller (see :func:`seeded_lora`).
+    The LoRA initialisation must already be seeded by the caller. After every epoch the optimizer,
+    schedule, shuffling and dropout random states are saved too (``train_state.pt``), so that a run killed
+    mid-way resumes from its last finished epoch (:func:`resume_state`) and ends with the adapter an
+    uninterrupted run would have produced.
     """
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -91,10 +97,23 @@ def finetune(
     total = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     generator = torch.Generator().manual_seed(settings.seed)
-    curve = LossCurve()
+    curve, first = LossCurve(), 1
+    state = resume_state(run)
+    if state is not None:
+        set_peft_model_state_dict(model, load_file(str(adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        curve = LossCurve(
+            list(state["step_loss"]), list(state["epoch_loss"]), list(state["seconds_per_epoch"])
+        )
+        first = state["epoch"] + 1
+        log.info("resuming fine-tuning after epoch %d", state["epoch"])
     model.train()
     with ProgressBar(total, "fine-tuning") as bar:
-        for epoch in range(1, settings.epochs + 1):
+        bar.update((first - 1) * steps_per_epoch)
+        for epoch in range(first, settings.epochs + 1):
             start, losses = time.perf_counter(), []
             for rows in _batches(len(encoded), settings.batch_size, generator):
                 batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
@@ -117,8 +136,50 @@ def finetune(
             curve.seconds_per_epoch.append(time.perf_counter() - start)
             with atomic_dir(adapter_dir(run, epoch)) as tmp:
                 model.save_pretrained(str(tmp))
+            _save_state(run, epoch, optimizer, scheduler, generator, curve)
             log.info(
                 "epoch %d: mean loss %.4f (%.1f s)", epoch, curve.epochs[-1], curve.seconds_per_epoch[-1]
             )
     model.eval()
     return curve
+
+
+def _save_state(
+    run: Path,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    curve: LossCurve,
+) -> None:
+    # Written after the epoch's adapter: a state file always refers to an adapter that exists.
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step_loss": curve.steps,
+            "epoch_loss": curve.epochs,
+            "seconds_per_epoch": curve.seconds_per_epoch,
+        },
+        buffer,
+    )
+    write_bytes_atomic(run / TRAIN_STATE_FILE, buffer.getvalue())
+
+
+def resume_state(run: Path) -> dict[str, Any] | None:
+    """The saved training state of an unfinished run (None when there is none to resume from)."""
+    path = run / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state: dict[str, Any] = torch.load(path, weights_only=True)
+    except Exception as exc:  # a damaged state file: say so and train from the start
+        log.warning("cannot read %s (%s); fine-tuning starts from the beginning", path, exc)
+        return None
+    if not (adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS).is_file():
+        return None
+    return state
