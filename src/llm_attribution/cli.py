@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the study's official score files, shown beside ours when present (default: %(default)s)",
     )
     rep.add_argument(
+        "--examples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="test examples whose top training examples are shown (0: none) (default: %(default)s)",
+    )
+    rep.add_argument(
         "--data-root",
         default="../shared/data/paper-datasets",
         help="the study's datasets, for the official scores' labels (default: %(default)s)",

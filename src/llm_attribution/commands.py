@@ -206,7 +206,7 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
-    report = build_report(folder, Path(args.official_scores), Path(args.data_root))
+    report = build_report(folder, Path(args.official_scores), Path(args.data_root), examples=args.examples)
     html_path, md_path = write_report(report, folder)
     print(f"report: {html_path}\nreport: {md_path}")
     return 0

@@ -56,3 +56,27 @@ def test_report_of_a_run_with_user_data(tmp_path, capsys) -> None:
 def test_report_on_a_folder_without_results(tmp_path, capsys) -> None:
     code, _, err = run_cli(["report", str(tmp_path), "--quiet"], capsys)
     assert code == 2 and "neither" in err
+
+
+def test_report_without_examples(tmp_path, capsys) -> None:
+    data = _dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = [
+        "run",
+        "--task",
+        str(data),
+        "--model",
+        "tiny",
+        "--epochs",
+        "1",
+        "--methods",
+        "repsim",
+        "--max-length",
+        "48",
+        "--quiet",
+        "--out",
+        str(run),
+    ]
+    assert run_cli(argv, capsys)[0] == 0
+    assert run_cli(["report", str(run), "--examples", "0", "--quiet"], capsys)[0] == 0
+    assert "question" not in (run / "report.md").read_text()

@@ -53,8 +53,10 @@ def _task(run: Path) -> tuple[FinetuneConfig, TaskData]:
     return config, load_task(config.data)
 
 
-def build_report(folder: Path, official_root: Path | None = None, data_root: Path | None = None) -> Report:
-    """Collect every section of the report for a study folder or a run folder."""
+def build_report(
+    folder: Path, official_root: Path | None = None, data_root: Path | None = None, examples: int = EXAMPLES
+) -> Report:
+    """Collect every section of the report for a study or run folder (``examples=0``: no example texts)."""
     report = Report()
     if (folder / STUDY_FILE).is_file():
         record = read_json(folder / STUDY_FILE)
@@ -79,8 +81,10 @@ def build_report(folder: Path, official_root: Path | None = None, data_root: Pat
     for run in _runs(folder):
         _diagnostics(report, run, folder)
     first = _runs(folder)[:1]
-    if first:
-        report.add(f"Top training examples ({first[0].relative_to(folder.parent)})", _examples(first[0]))
+    if first and examples > 0:
+        report.add(
+            f"Top training examples ({first[0].relative_to(folder.parent)})", _examples(first[0], examples)
+        )
     return report
 
 
@@ -124,7 +128,7 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
         )
 
 
-def _examples(run: Path) -> str:
+def _examples(run: Path, count: int) -> str:
     config, task = _task(run)
     safe = config.data.task in BUILTIN_TASKS
 
@@ -133,7 +137,7 @@ def _examples(run: Path) -> str:
         return flat if safe else (flat[:CUT] + " [cut: not a built-in dataset]" if len(flat) > CUT else flat)
 
     lines = []
-    picks = np.linspace(0, len(task.test) - 1, num=min(EXAMPLES, len(task.test))).astype(int)
+    picks = np.linspace(0, len(task.test) - 1, num=min(count, len(task.test))).astype(int)
     for name in read_json(run / RESULTS_FILE)["methods"]:
         scores = load_file(str(run / "scores" / f"{name}.safetensors"))["scores"].double().numpy()
         for t in picks:
