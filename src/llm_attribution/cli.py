@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "intervals over test examples and the spread over seeds. " + SCORE_CONVENTION,
     )
     st.add_argument("--out", required=True, help="study folder (one run folder per task and seed)")
+    st.add_argument(
+        "--judge-only",
+        action="store_true",
+        help="run nothing: judge the cells already complete (e.g. while the grid is still running)",
+    )
     add_options(st, StudySettings, "study")
     _finetune_options(st, exclude_data=("task",))
     add_options(st, AttributeSettings, "attribution")

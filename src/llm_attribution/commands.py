@@ -122,7 +122,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the study")
-    record = run_study(study, config, attribute, from_args(GradientSettings, args), out)
+    record = run_study(
+        study, config, attribute, from_args(GradientSettings, args), out, judge_only=args.judge_only
+    )
+    if record["missing_cells"]:
+        print(f"not yet run (left out of the table): {', '.join(record['missing_cells'])}")
     print(study_markdown(record))
     print(SCORE_CONVENTION)
     print(f"study: {out / STUDY_FILE}")

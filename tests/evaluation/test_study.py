@@ -69,3 +69,13 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
     assert code == 0, err
     assert calls == []
     assert json.loads((out / "study.json").read_text())["tasks"] == record["tasks"]
+
+    # --judge-only runs nothing: it judges the complete cells and names the missing ones.
+    calls.clear()
+    code, stdout, err = run_cli([*ARGS, "--seeds", "0,1,5", "--judge-only", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert calls == []
+    judged = json.loads((out / "study.json").read_text())
+    assert judged["missing_cells"] == ["grammars/seed-5", "backdoor/seed-5"]
+    assert judged["tasks"] == record["tasks"]
+    assert "not yet run" in stdout

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file
 
+from ..data.loaders import load_task
 from ..features.gradients import GradientSettings
 from ..pipeline import FinetuneConfig, finetune_run, select_epoch
-from ..scoring import AttributeSettings, attribute_explained
+from ..scoring import RESULTS_FILE, AttributeSettings, attribute_explained
 from ..settings import option, require, to_dict
 from ..storage import write_json_atomic
 from ..versions import package_versions
@@ -64,29 +65,54 @@ def run_study(
     attribute: AttributeSettings,
     gradients: GradientSettings,
     out: Path,
+    judge_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every (task, seed) cell, then judge every method; writes ``OUT/study.json``."""
+    """Run (or resume) every (task, seed) cell, then judge every method; writes ``OUT/study.json``.
+
+    ``judge_only`` runs nothing: it judges the cells that are already complete (a grid still running, or
+    one stopped part-way) and lists the missing ones in the record.
+    """
     cells: dict[str, dict[int, dict[str, Any]]] = {}
+    missing = []
     for task in study.tasks:
         data = dataclasses.replace(base.data, task=resolve_task(task, study.data_root))
         cells[task] = {}
         for seed in study.seeds:
-            config = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, seed=seed))
             run = out / task / f"seed-{seed}"
-            log.info("study: %s, seed %d -> %s", task, seed, run)
-            report = finetune_run(config, run)
-            explained = select_epoch(report.explained, attribute.epoch)
-            attribute_explained(explained, attribute, config.prompt, gradients, config.model)
-            labels = ([e.label for e in explained.task.train], [e.label for e in explained.task.test])
-            cells[task][seed] = {"run": run, "labels": labels}
+            if judge_only:
+                if not _complete(run, attribute.methods):
+                    missing.append(f"{task}/seed-{seed}")
+                    continue
+                task_data = load_task(data)
+            else:
+                config = dataclasses.replace(
+                    base, data=data, train=dataclasses.replace(base.train, seed=seed)
+                )
+                log.info("study: %s, seed %d -> %s", task, seed, run)
+                report = finetune_run(config, run)
+                explained = select_epoch(report.explained, attribute.epoch)
+                attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+                task_data = explained.task
+            cells[task][seed] = {
+                "run": run,
+                "labels": ([e.label for e in task_data.train], [e.label for e in task_data.test]),
+            }
     record = {
         "convention": "higher score = the training example supports the test output more",
         "settings": {"study": to_dict(study), **base.to_dict(), "attribute": to_dict(attribute)},
-        "tasks": {task: judge_task(cells[task], attribute.methods) for task in study.tasks},
+        "tasks": {task: judge_task(cells[task], attribute.methods) for task in study.tasks if cells[task]},
+        "missing_cells": missing,
         "versions": package_versions(),
     }
     write_json_atomic(out / STUDY_FILE, record)
     return record
+
+
+def _complete(run: Path, methods: Sequence[str]) -> bool:
+    return (
+        all((run / "scores" / f"{m}.safetensors").is_file() for m in methods)
+        and (run / RESULTS_FILE).is_file()
+    )
 
 
 def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
@@ -143,7 +169,8 @@ def study_markdown(record: dict[str, Any]) -> str:
                 f"| {task} | {method} | {acc['mean']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] | "
                 f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {m['auc']['mean']:.3f} | "
                 f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "
-                f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} |"
+                f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} "
+                f"(n={acc['seeds']['n']}) |"
             )
     return "\n".join(lines)
 
