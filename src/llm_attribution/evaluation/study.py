@@ -170,7 +170,7 @@ def study_markdown(record: dict[str, Any]) -> str:
                 f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {m['auc']['mean']:.3f} | "
                 f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "
                 f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} "
-                f"(n={acc['seeds']['n']}) |"
+                f"(n={int(acc['seeds']['n'])}) |"
             )
     return "\n".join(lines)
 
