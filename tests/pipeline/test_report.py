@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from llm_attribution.cli import main
 from tests.helpers import run_cli
 
 
@@ -19,9 +22,12 @@ def _dataset(folder, n_train=24, n_test=6):
     return folder
 
 
-def test_report_of_a_run_with_user_data(tmp_path, capsys) -> None:
-    data = _dataset(tmp_path / "data")
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """A tiny run on a user dataset (not built in), with its spectrum diagnosed."""
+    root = tmp_path_factory.mktemp("report")
+    data = _dataset(root / "data")
+    run = root / "run"
     argv = [
         "run",
         "--task",
@@ -38,9 +44,14 @@ def test_report_of_a_run_with_user_data(tmp_path, capsys) -> None:
         "--out",
         str(run),
     ]
-    assert run_cli(argv, capsys)[0] == 0
-    assert run_cli(["diagnose", "spectrum", "--run", str(run), "--quiet"], capsys)[0] == 0
-    code, _out, err = run_cli(
+    assert main(argv) == 0
+    assert main(["diagnose", "spectrum", "--run", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_report_of_a_run_with_user_data(user_run, tmp_path, capsys) -> None:
+    run = user_run
+    code, _, err = run_cli(
         ["report", str(run), "--official-scores", str(tmp_path / "none"), "--quiet"], capsys
     )
     assert code == 0, err
@@ -58,25 +69,6 @@ def test_report_on_a_folder_without_results(tmp_path, capsys) -> None:
     assert code == 2 and "neither" in err
 
 
-def test_report_without_examples(tmp_path, capsys) -> None:
-    data = _dataset(tmp_path / "data")
-    run = tmp_path / "run"
-    argv = [
-        "run",
-        "--task",
-        str(data),
-        "--model",
-        "tiny",
-        "--epochs",
-        "1",
-        "--methods",
-        "repsim",
-        "--max-length",
-        "48",
-        "--quiet",
-        "--out",
-        str(run),
-    ]
-    assert run_cli(argv, capsys)[0] == 0
-    assert run_cli(["report", str(run), "--examples", "0", "--quiet"], capsys)[0] == 0
-    assert "question" not in (run / "report.md").read_text()
+def test_report_without_examples(user_run, capsys) -> None:
+    assert run_cli(["report", str(user_run), "--examples", "0", "--quiet"], capsys)[0] == 0
+    assert "question" not in (user_run / "report.md").read_text()
