@@ -131,7 +131,12 @@ def collect_split(
     shard_size: int,
 ) -> Features:
     """Features of one split, from the store when they were computed with the same fingerprint."""
-    fingerprint = {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples)}
+    fingerprint = {
+        **identity,
+        "prompt": to_dict(prompt),
+        "data": data_fingerprint(examples),
+        **gradients.fingerprint(),  # a projection changes the features; the batch size does not
+    }
     store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
     return store.compute(
         examples,

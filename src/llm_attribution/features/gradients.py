@@ -10,6 +10,10 @@ Cost: one training step per example, never a batch-size-1 loop.
 
 Each example's loss is the mean over its own labelled tokens, so a gradient does not depend on which
 other examples share its batch or on how much padding they bring.
+
+With ``projection_dim`` set, each block's gradient is randomly projected on the fly (see
+:mod:`.projection`): inputs and output gradients are projected before the ``einsum``, so a projected
+gradient costs less than a full one and no full gradient is ever formed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -26,26 +31,64 @@ from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
 from ..errors import DataError, UserError
 from ..progress import progress
-from ..settings import option, require_positive
+from ..settings import option, require, require_positive
+from .projection import KroneckerProjector
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GradientSettings:
-    """How per-example gradients are collected (none of this changes their values)."""
+    """How per-example gradients are collected: the batch size never changes them, a projection does
+    (so it is part of the feature store's fingerprint)."""
 
     gradient_batch_size: int = option(8, "examples per batched backward pass when collecting gradients")
+    projection_dim: int | None = option(
+        None,
+        "randomly project each LoRA matrix's per-example gradient to at most this many numbers "
+        "(Kronecker-structured Gaussian: inner products unbiased, memory and scoring cost cut); "
+        "None: keep full gradients",
+    )
+    projection_seed: int = option(0, "seed of the random projection (each block's derives from it)")
 
     def __post_init__(self) -> None:
         require_positive("gradient_batch_size", self.gradient_batch_size)
+        if self.projection_dim is not None:
+            require(
+                isinstance(self.projection_dim, int),
+                f"--projection-dim must be an integer, got {self.projection_dim!r}",
+            )
+            require_positive("projection_dim", self.projection_dim)
+        require(
+            isinstance(self.projection_seed, int),
+            f"--projection-seed must be an integer, got {self.projection_seed!r}",
+        )
+
+    def projector(self) -> KroneckerProjector | None:
+        """The projection these settings ask for (None: full gradients)."""
+        if self.projection_dim is None:
+            return None
+        return KroneckerProjector(self.projection_dim, self.projection_seed)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What of these settings changes the gradients' values: only a projection (empty without one)."""
+        if self.projection_dim is None:
+            return {}
+        return {
+            "projection": {
+                "kind": "kronecker-gaussian",
+                "dim": self.projection_dim,
+                "seed": self.projection_seed,
+            }
+        }
 
 
 @dataclass
 class Features:
     """Per-example features of a list of examples, rows in the examples' order.
 
-    ``blocks``: LoRA matrix name -> float32 ``[n, d_block]`` gradients of each example's own loss.
+    ``blocks``: LoRA matrix name -> float32 ``[n, d_block]`` gradients of each example's own loss
+    (``[n, k_block]`` when projected).
     ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
     ``losses``: float32 ``[n]`` each example's loss.
     """
@@ -131,7 +174,15 @@ def collect_features(
         module.weight.requires_grad_(True)  # an adapter loaded for inference has them frozen
     device = next(model.parameters()).device
     n = len(encoded)
-    blocks = {name: torch.empty(n, m.weight.numel(), dtype=torch.float32) for name, m in modules.items()}
+    projector = settings.projector()
+    projections = {
+        name: projector.block(name, *m.weight.shape) for name, m in modules.items() if projector is not None
+    }
+    widths = {
+        name: projections[name].width if name in projections else m.weight.numel()
+        for name, m in modules.items()
+    }
+    blocks = {name: torch.empty(n, widths[name], dtype=torch.float32) for name in modules}
     reps: torch.Tensor | None = None
     losses = torch.empty(n, dtype=torch.float32)
     order = sorted(range(n), key=lambda i: len(encoded[i].input_ids))
@@ -152,9 +203,11 @@ def collect_features(
             index = torch.tensor(rows)
             with torch.no_grad():
                 for name, grad_out in zip(names, grads, strict=True):
-                    per_example = torch.einsum(
-                        "bto,bti->boi", grad_out.float(), capture.inputs[name].detach().float()
-                    ).reshape(len(rows), -1)
+                    out_side, in_side = grad_out.float(), capture.inputs[name].detach().float()
+                    if name in projections:  # project the factors, never the [d_out, d_in] gradient
+                        out_side = projections[name].output_side(out_side)
+                        in_side = projections[name].input_side(in_side)
+                    per_example = torch.einsum("bto,bti->boi", out_side, in_side).reshape(len(rows), -1)
                     blocks[name][index] = per_example.cpu()
             losses[index] = loss.detach().float().cpu()
             if representations:
