@@ -6,11 +6,10 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ if typing.TYPE_CHECKING:
 from .attribution.base import (
     GRADIENT,
     AttributionMethod,
-    InnerProductMethod,
     Method,
     RepresentationMethod,
     get_method,
@@ -34,7 +32,7 @@ from .attribution.base import (
 )
 from .data.schema import Example, TaskData, data_fingerprint
 from .data.templates import PromptSettings
-from .diagnostics.ihvp import compare_ihvp, inner_product_methods, summarize
+from .diagnostics.ihvp import compare_transformed, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
@@ -43,6 +41,7 @@ from .models.settings import ModelSettings
 from .run_layout import SETTINGS_FILE
 from .settings import base_type, field_types, option, require, require_positive, to_dict
 from .storage import read_json, write_bytes_atomic, write_json_atomic
+from .streamed_scoring import TrainFeatures, score_metadata, stream_methods
 from .versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -131,16 +130,38 @@ def collect_split(
     shard_size: int,
 ) -> Features:
     """Features of one split, from the store when they were computed with the same fingerprint."""
+    store = split_store(run, split, examples, identity, prompt, gradients, shard_size)
+    return store.compute(examples, _collector(model, tokenizer, prompt, gradients, split))
+
+
+def split_store(
+    run: Path,
+    split: str,
+    examples: Sequence[Example],
+    identity: Mapping[str, Any],
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    shard_size: int,
+) -> FeatureStore:
+    """The feature store of one split, keyed by everything that determines its features."""
     fingerprint = {
         **identity,
         "prompt": to_dict(prompt),
         "data": data_fingerprint(examples),
         **gradients.fingerprint(),  # a projection changes the features; the batch size does not
     }
-    store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
-    return store.compute(
-        examples,
-        lambda chunk: collect_features(model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"),
+    return FeatureStore(run, split, fingerprint, shard_size=shard_size)
+
+
+def _collector(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    split: str,
+) -> Callable[[Sequence[Example]], Features]:
+    return lambda chunk: collect_features(
+        model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"
     )
 
 
@@ -186,13 +207,7 @@ def score_methods(
 def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test_ids: Sequence[str]) -> Path:
     """``scores/<method>.safetensors``: the matrix (rows = test, columns = train) with ids in its metadata."""
     path = run / SCORES_DIR / f"{result.name}.safetensors"
-    metadata = {
-        "method": result.name,
-        "convention": "higher = the training example supports the test output more",
-        "train_ids": json.dumps(list(train_ids)),
-        "test_ids": json.dumps(list(test_ids)),
-        "settings": json.dumps(result.settings),
-    }
+    metadata = score_metadata(result.name, result.settings, train_ids, test_ids)
     write_bytes_atomic(path, save({"scores": result.scores.contiguous()}, metadata=metadata))
     return path
 
@@ -238,6 +253,29 @@ def collect_run_features(
     return features, timings
 
 
+def stream_run_features(
+    explained: Explained,
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    model_settings: ModelSettings,
+    shard_size: int = 256,
+) -> tuple[TrainFeatures, Features, dict[str, float]]:
+    """Training features stored (computed where missing, never all in memory) and read back as passes
+    over shards; test features in memory; with timings."""
+    identity = run_identity(explained, model_settings)
+    model, tokenizer, task = explained.model, explained.tokenizer, explained.task
+    start = time.perf_counter()
+    store = split_store(explained.run, "train", task.train, identity, prompt, gradients, shard_size)
+    store.ensure(task.train, _collector(model, tokenizer, prompt, gradients, "train"))
+    timings = {"features_train_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    test = collect_split(
+        explained.run, "test", task.test, model, tokenizer, identity, prompt, gradients, shard_size
+    )
+    timings["features_test_s"] = time.perf_counter() - start
+    return TrainFeatures.from_store(store, task.train), test, timings
+
+
 def attribute_explained(
     explained: Explained,
     settings: AttributeSettings,
@@ -250,20 +288,35 @@ def attribute_explained(
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
     run, task = explained.run, explained.task
-    features, timings = collect_run_features(
+    train, test, timings = stream_run_features(
         explained, prompt, gradients, model_settings, settings.shard_size
     )
     adapter_sha256 = adapter_fingerprint(explained.adapter)
     methods = settings.build_methods()
-    results = score_methods(methods, features["train"], features["test"], task)
+    train_ids = [e.id for e in task.train]
+    # Training features are streamed shard by shard and each score file is written as it is computed.
+    results = stream_methods(
+        methods,
+        train,
+        test,
+        run / SCORES_DIR,
+        [e.label for e in task.train],
+        [e.label for e in task.test],
+        train_ids,
+    )
+    for name, result in results.items():
+        log.info("scored %s in %.2f s", name, result.seconds)
     # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
     ihvp: dict[str, dict[str, dict[str, float]]] = {}
     if "exact" in methods:
-        compared = compare_ihvp(
-            features["train"].blocks,
-            features["test"].blocks,
-            inner_product_methods(methods, include_exact=True),
-            reference=typing.cast(InnerProductMethod, methods["exact"]),
+        compared = compare_transformed(
+            {
+                name: transformed
+                for name in inner_product_methods(methods, include_exact=True)
+                if (transformed := results[name].transformed) is not None
+            },
+            test.blocks,
+            reference="exact",
         )
         ihvp = {
             name: {
@@ -272,13 +325,12 @@ def attribute_explained(
             for name, blocks in compared.items()
             if blocks
         }
-    train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
     if record.get("adapter_sha256") != adapter_sha256:
         record = {"methods": {}}  # scores of another adapter (epoch) must not be mixed in
     for name, result in results.items():
-        score_path = write_scores(run, result, train_ids, test_ids)
+        score_path = result.path
         record["methods"][name] = {
             "accuracy": result.metrics.accuracy,
             "coverage": result.metrics.coverage,

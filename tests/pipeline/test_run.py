@@ -63,12 +63,13 @@ def _copy(tiny_run, tmp_path):
 def test_attribute_rescores_from_stored_features(tiny_run, tmp_path, capsys, monkeypatch) -> None:
     run = _copy(tiny_run, tmp_path)
     calls = []
-    original = store_module.FeatureStore.compute
+    for name in ("compute", "ensure"):  # test features are computed in memory, training ones streamed
+        original = getattr(store_module.FeatureStore, name)
 
-    def counting(self, examples, collect):
-        return original(self, examples, lambda chunk: calls.append(len(chunk)) or collect(chunk))
+        def counting(self, examples, collect, original=original):
+            return original(self, examples, lambda chunk: calls.append(len(chunk)) or collect(chunk))
 
-    monkeypatch.setattr(store_module.FeatureStore, "compute", counting)
+        monkeypatch.setattr(store_module.FeatureStore, name, counting)
     code, out, err = run_cli(["attribute", "--run", str(run), "--methods", "hessian-free", "--quiet"], capsys)
     assert code == 0, err
     assert calls == []  # nothing recomputed

@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..progress import progress
 from ..settings import option, require_positive
+from .streaming import TrainPasses
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,47 @@ class InnerProductMethod(AttributionMethod):
                 out[rows].addmm_(transformed[rows], g_train.T)
         return out.to(torch.float32)
 
+    # ------------------------------------------------------------------ streamed training gradients
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """``transform_test`` of every block, with the training gradients read in passes over chunks.
+
+        Blocks whose training gradients are all zero are left out (they score zero). This default gathers
+        each block's training rows in memory and calls :meth:`transform_test`; the built-in methods
+        override it with passes whose memory does not grow with n_train.
+        """
+        names, dtype = streamed_blocks(train, test)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for chunk in train:
+            for name in names:
+                parts[name].append(chunk[name])
+        return {
+            name: self.transform_test(
+                name, torch.cat(parts[name]).to(test[name].device, dtype), test[name].to(dtype=dtype)
+            )
+            for name in names
+        }
+
+    def score_chunk(
+        self, transformed: GradientBlocks, chunk: GradientBlocks, n_test: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Float32 ``[n_test, n_chunk]`` scores of one training chunk against transformed test gradients
+        (accumulated in ``dtype``); HIGHER = the training example supports the test output more."""
+        n_chunk = next(iter(chunk.values())).shape[0]
+        device = next(iter(transformed.values())).device if transformed else torch.device("cpu")
+        out = torch.zeros(n_test, n_chunk, dtype=dtype, device=device)
+        for name, t in transformed.items():  # the training blocks' order, as in score()
+            out.addmm_(t, chunk[name].to(device=device, dtype=dtype).T)
+        return out.to(torch.float32)
+
+    def score_streamed(self, train: TrainPasses, test: GradientBlocks) -> Iterator[torch.Tensor]:
+        """Float32 ``[n_test, n_chunk]`` scores, one training chunk at a time (the columns of :meth:`score`);
+        HIGHER = the training example supports the test output more."""
+        transformed = self.transform_test_streamed(train, test)
+        n_test, dtype = next(iter(test.values())).shape[0], train.compute_dtype(test)
+        for chunk in train:
+            yield self.score_chunk(transformed, chunk, n_test, dtype)
+
 
 class RepresentationMethod(Method):
     """A method on fixed-size representations (hidden states) instead of gradients."""
@@ -132,6 +174,12 @@ class RepresentationMethod(Method):
     def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` scores from ``[n, h]`` / ``[m, h]`` representations;
         HIGHER = the training example supports the test output more."""
+
+    def score_chunk(self, chunk: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+        """Float32 ``[n_test, n_chunk]`` scores of one chunk of training representations (streamed
+        scoring); HIGHER = more supportive. Valid as is for a method that scores each training example
+        on its own, as RepSim does; a method whose scores couple training examples must override it."""
+        return self.score_representations(chunk, test)
 
 
 def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str], int, int]:
@@ -168,6 +216,14 @@ def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str]
     if n_train == 0:
         raise DataError("no training examples (gradient blocks have 0 rows)")
     return names, n_train, n_test
+
+
+def streamed_blocks(train: TrainPasses, test: GradientBlocks) -> tuple[list[str], torch.dtype]:
+    """The blocks a streamed transform works on (training gradients not all zero, as :meth:`score` skips
+    the others) and the compute dtype; checks that train and test blocks match."""
+    names = train.check_test(test)
+    statistics = train.statistics()
+    return [name for name in names if statistics[name].nonzero], train.compute_dtype(test)
 
 
 def compute_dtype(*blocks: GradientBlocks) -> torch.dtype:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import option, require_positive
-from .base import InnerProductMethod, MethodSettings, block_damping, register
+from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, register, streamed_blocks
+from .streaming import TrainPasses
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,17 @@ class DataInf(InnerProductMethod):
                 acc.addmm_(coefficients, g, alpha=-1.0)
             out[rows] = acc / (n * lam)
         return out
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The same sum, accumulated over one pass of training chunks for every block at once."""
+        names, dtype = streamed_blocks(train, test)
+        statistics, n = train.statistics(), train.rows
+        damping = {name: statistics[name].damping(self.settings.damping_scale) for name in names}
+        tests = {name: test[name].to(dtype=dtype) for name in names}
+        sums = {name: v * n for name, v in tests.items()}
+        for chunk in train:
+            for name, v in tests.items():
+                g = chunk[name].to(device=v.device, dtype=dtype)
+                coefficients = (v @ g.T) / (damping[name] + g.square().sum(dim=1))
+                sums[name].addmm_(coefficients, g, alpha=-1.0)
+        return {name: total / (n * damping[name]) for name, total in sums.items()}

@@ -7,7 +7,8 @@ Here the system is whichever side is smaller:
 
 - ``n < d`` (the usual LoRA case): Woodbury,
   ``(F + lambda I)^-1 v = (1/lambda) (v - G^T (n lambda I + G G^T)^-1 G v)``, an ``n x n`` system;
-- ``n >= d``: the ``d x d`` system ``(G^T G / n + lambda I) x = v``.
+- ``n >= d`` (or ``n`` above ``woodbury_max_rows``): the ``d x d`` system ``(G^T G / n + lambda I) x = v``,
+  whose ``G^T G`` streamed scoring accumulates chunk by chunk in memory independent of ``n``.
 
 Both are factorised once per block by Cholesky in float64 (the matrix is symmetric positive definite
 for ``lambda > 0``; float64 because ``G G^T`` squares the condition number), then applied to the
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import option, require_choice, require_positive
-from .base import InnerProductMethod, MethodSettings, block_damping, register
+from ..settings import option, require, require_choice, require_positive
+from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, register, streamed_blocks
+from .streaming import TrainPasses
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,22 @@ class ExactSettings(MethodSettings):
     solver: str = option(
         "auto", "auto: Woodbury (n x n) when n_train < block dim, else dense (d x d)", choices=SOLVERS
     )
+    woodbury_max_rows: int | None = option(
+        None,
+        "auto: above this n_train use the dense d x d system even when n_train < block dim (bounds the "
+        "n x n system; with --projection-dim blocks are narrow and d x d is small); None: no cap",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive("damping_scale", self.damping_scale)
         require_choice("solver", self.solver, SOLVERS)
+        if self.woodbury_max_rows is not None:
+            require(
+                isinstance(self.woodbury_max_rows, int),
+                f"--woodbury-max-rows must be an integer, got {self.woodbury_max_rows!r}",
+            )
+            require_positive("woodbury_max_rows", self.woodbury_max_rows)
 
 
 def _factor(matrix: torch.Tensor, block_name: str) -> tuple[torch.Tensor, bool]:
@@ -74,7 +87,8 @@ class Exact(InnerProductMethod):
     def uses_woodbury(self, n: int, d: int) -> bool:
         """Whether the ``n x n`` (Woodbury) system is solved rather than the ``d x d`` one."""
         if self.settings.solver == "auto":
-            return n < d
+            limit = self.settings.woodbury_max_rows
+            return n < d and (limit is None or n <= limit)
         return self.settings.solver == "woodbury"
 
     def transform_test(
@@ -83,21 +97,67 @@ class Exact(InnerProductMethod):
         """The exact damped inverse Fisher applied to every test row."""
         n, d = train_block.shape
         lam = block_damping(train_block, self.settings.damping_scale)
-        g = train_block.to(torch.float64)
-        out = torch.empty_like(test_block)
         if self.uses_woodbury(n, d):
-            system = g @ g.T
-            system.diagonal().add_(n * lam)
-            factor, is_cholesky = _factor(system, block_name)
-            for rows in self.chunks(test_block.shape[0]):
-                v = test_block[rows].to(torch.float64)
-                coefficients = _solve(factor, is_cholesky, g @ v.T)  # (n lambda I + G G^T)^-1 G v, [n, m]
-                out[rows] = ((v - coefficients.T @ g) / lam).to(out.dtype)
-        else:
-            system = (g.T @ g) / n
-            system.diagonal().add_(lam)
-            factor, is_cholesky = _factor(system, block_name)
-            for rows in self.chunks(test_block.shape[0]):
-                v = test_block[rows].to(torch.float64)
-                out[rows] = _solve(factor, is_cholesky, v.T).T.to(out.dtype)
+            return self._woodbury(block_name, train_block, test_block, lam)
+        g = train_block.to(torch.float64)
+        return self._dense(block_name, g.T @ g, n, test_block, lam)
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """One pass gathers what each block's system needs: ``G^T G`` (``d x d``, float64) for the dense
+        system, or the block's rows for Woodbury (which ``auto`` picks only while ``n < d``, so at most
+        ``d x d`` numbers either way, and ``woodbury_max_rows`` caps ``n`` further)."""
+        names, dtype = streamed_blocks(train, test)
+        statistics, n = train.statistics(), train.rows
+        woodbury = [name for name in names if self.uses_woodbury(n, statistics[name].width)]
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in woodbury}
+        grams = {
+            name: torch.zeros(statistics[name].width, statistics[name].width, dtype=torch.float64)
+            for name in names
+            if name not in rows
+        }
+        if names:
+            for chunk in train:
+                for name, parts in rows.items():
+                    parts.append(chunk[name])
+                for name, gram in grams.items():
+                    g = chunk[name].to(torch.float64)
+                    gram.addmm_(g.T, g)
+        out = {}
+        for name in names:
+            lam = statistics[name].damping(self.settings.damping_scale)
+            v = test[name].to(dtype=dtype)
+            if name in rows:
+                g = torch.cat(rows.pop(name)).to(device=v.device, dtype=dtype)
+                out[name] = self._woodbury(name, g, v, lam)
+            else:
+                out[name] = self._dense(name, grams.pop(name).to(v.device), n, v, lam)
+        return out
+
+    def _woodbury(
+        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor, lam: float
+    ) -> torch.Tensor:
+        """``(1/lambda) (v - G^T (n lambda I + G G^T)^-1 G v)`` for every test row ``v``."""
+        n = train_block.shape[0]
+        g = train_block.to(torch.float64)
+        system = g @ g.T
+        system.diagonal().add_(n * lam)
+        factor, is_cholesky = _factor(system, block_name)
+        out = torch.empty_like(test_block)
+        for rows in self.chunks(test_block.shape[0]):
+            v = test_block[rows].to(torch.float64)
+            coefficients = _solve(factor, is_cholesky, g @ v.T)  # (n lambda I + G G^T)^-1 G v, [n, m]
+            out[rows] = ((v - coefficients.T @ g) / lam).to(out.dtype)
+        return out
+
+    def _dense(
+        self, block_name: str, gram: torch.Tensor, n: int, test_block: torch.Tensor, lam: float
+    ) -> torch.Tensor:
+        """``(G^T G / n + lambda I)^-1 v`` for every test row ``v``, from ``G^T G`` (float64)."""
+        system = gram / n
+        system.diagonal().add_(lam)
+        factor, is_cholesky = _factor(system, block_name)
+        out = torch.empty_like(test_block)
+        for rows in self.chunks(test_block.shape[0]):
+            v = test_block[rows].to(torch.float64)
+            out[rows] = _solve(factor, is_cholesky, v.T).T.to(out.dtype)
         return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import InnerProductMethod, register
+from .base import GradientBlocks, InnerProductMethod, register, streamed_blocks
+from .streaming import TrainPasses
 
 
 @register
@@ -22,3 +23,8 @@ class HessianFree(InnerProductMethod):
     ) -> torch.Tensor:
         """The identity: the test gradient itself."""
         return test_block
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The test gradients themselves; no pass beyond the statistics."""
+        names, dtype = streamed_blocks(train, test)
+        return {name: test[name].to(dtype=dtype) for name in names}

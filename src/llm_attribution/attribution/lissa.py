@@ -36,7 +36,16 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import option, require, require_positive
-from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, block_seed, register
+from .base import (
+    GradientBlocks,
+    InnerProductMethod,
+    MethodSettings,
+    block_damping,
+    block_seed,
+    register,
+    streamed_blocks,
+)
+from .streaming import FisherProducts, TrainPasses
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +89,16 @@ class LissaSettings(MethodSettings):
         require(isinstance(self.seed, int), f"--seed must be an integer, got {self.seed!r}")
 
 
+def _warn_diverged(block_name: str, step: int, scale: float) -> None:
+    warnings.warn(
+        f"LiSSA diverged on block {block_name} after {step + 1} steps (scale {scale:.3g}): "
+        f"the scale must exceed (largest Fisher eigenvalue + damping)/2; pass a larger "
+        f"scale, or scale=None for a safe one",
+        LissaDivergenceWarning,
+        stacklevel=3,
+    )
+
+
 def _fisher_product(method: InnerProductMethod, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``(1/b) G^T G h`` for the rows of ``h``, accumulated over chunks of ``g``'s rows."""
     out = torch.zeros_like(h)
@@ -108,6 +127,10 @@ class Lissa(InnerProductMethod):
         """
         self.not_converged = {}
         scores = super().score(train, test)
+        self._warn_not_converged(len(train))
+        return scores
+
+    def _warn_not_converged(self, n_blocks: int) -> None:
         if self.not_converged:
             worst = max(self.not_converged.values())
             logger.warning(
@@ -116,10 +139,56 @@ class Lissa(InnerProductMethod):
                 "use exact",
                 self.settings.depth,
                 len(self.not_converged),
-                len(train),
+                n_blocks,
                 worst,
             )
-        return scores
+
+    def _check_depth(self, block_name: str, delta: float) -> None:
+        # Directions in F's null space (every LoRA block with n < d has them) contract only by (1 - delta)
+        # per step: after `depth` steps their error is (1 - delta)^depth of the start.
+        if delta < 1.0 and (1.0 - delta) ** self.settings.depth > NOT_CONVERGED:
+            self.not_converged[block_name] = math.ceil(math.log(1.0 / NOT_CONVERGED) / delta)
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The full-batch recursion for every block at once, ``F h`` from :class:`FisherProducts` (the
+        ``d x d`` Fisher for blocks no wider than ``chunk_size``, else one pass per step); mini-batches
+        sample rows at random, so with ``batch_size`` the training rows are gathered in memory instead."""
+        cfg = self.settings
+        if cfg.batch_size is not None and cfg.batch_size < train.rows:
+            self.not_converged = {}
+            gathered = super().transform_test_streamed(train, test)
+            self._warn_not_converged(len(train.statistics()))
+            return gathered
+        names, dtype = streamed_blocks(train, test)
+        statistics = train.statistics()
+        self.not_converged = {}
+        v, scale, delta, limit = {}, {}, {}, {}
+        for name in names:
+            lam = statistics[name].damping(cfg.damping_scale)
+            scale[name] = cfg.scale if cfg.scale is not None else statistics[name].max_row_squares + lam
+            delta[name] = lam / scale[name]
+            self._check_depth(name, delta[name])
+            v[name] = test[name].to(dtype=dtype)
+            norm = max(float(v[name].norm()), torch.finfo(dtype).tiny)
+            limit[name] = DIVERGENCE_FACTOR * max(1.0, 1.0 / delta[name]) * norm
+        fisher = FisherProducts(train, names, cfg.chunk_size, dtype)
+        h = {name: block.clone() for name, block in v.items()}
+        out: dict[str, torch.Tensor] = {}
+        for step in range(cfg.depth):
+            products = fisher(h)
+            for name, product in products.items():
+                h_next = v[name] + (1.0 - delta[name]) * h[name] - product / scale[name]
+                if not float(h_next.norm()) <= limit[name]:  # also catches nan / inf
+                    _warn_diverged(name, step, scale[name])
+                    out[name] = h_next / scale[name]
+                    del h[name]
+                else:
+                    h[name] = h_next
+            if not h:
+                break
+        out.update({name: block / scale[name] for name, block in h.items()})
+        self._warn_not_converged(len(statistics))
+        return {name: out[name] for name in names}
 
     def transform_test(
         self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
@@ -130,10 +199,7 @@ class Lissa(InnerProductMethod):
         lam = block_damping(train_block, cfg.damping_scale)
         scale = cfg.scale if cfg.scale is not None else float(train_block.square().sum(dim=1).max()) + lam
         delta = lam / scale
-        # Directions in F's null space (every LoRA block with n < d has them) contract only by (1 - delta)
-        # per step: after `depth` steps their error is (1 - delta)^depth of the start.
-        if delta < 1.0 and (1.0 - delta) ** cfg.depth > NOT_CONVERGED:
-            self.not_converged[block_name] = math.ceil(math.log(1.0 / NOT_CONVERGED) / delta)
+        self._check_depth(block_name, delta)
         batch = None if cfg.batch_size is None or cfg.batch_size >= n else cfg.batch_size
         out = torch.zeros_like(test_block)
         last_step = 0.0
@@ -153,14 +219,7 @@ class Lissa(InnerProductMethod):
                     h_next = v + (1.0 - delta) * h - _fisher_product(self, g, h) / scale
                     norm = float(h_next.norm())
                     if not norm <= limit:  # also catches nan / inf
-                        warnings.warn(
-                            f"LiSSA diverged on block {block_name} after {step + 1} steps "
-                            f"(scale {scale:.3g}): "
-                            f"the scale must exceed (largest Fisher eigenvalue + damping)/2; pass a larger "
-                            f"scale, or scale=None for a safe one",
-                            LissaDivergenceWarning,
-                            stacklevel=2,
-                        )
+                        _warn_diverged(block_name, step, scale)
                         out[rows] = h_next / scale
                         return out
                     if step == cfg.depth - 1:
@@ -217,3 +276,20 @@ class LissaStudy(InnerProductMethod):
                 h = v + h - (_fisher_product(self, train_block, h) - lam * h) / cfg.scale
             out[rows] = h
         return out
+
+    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The same steps for every block at once, ``F h`` from :class:`FisherProducts`."""
+        cfg = self.settings
+        names, dtype = streamed_blocks(train, test)
+        statistics = train.statistics()
+        damping = {name: statistics[name].damping(cfg.damping_scale) for name in names}
+        v = {name: test[name].to(dtype=dtype) for name in names}
+        h = {name: block.clone() for name, block in v.items()}
+        fisher = FisherProducts(train, names, cfg.chunk_size, dtype)
+        for _ in range(cfg.depth):
+            products = fisher(h)
+            h = {
+                name: v[name] + h[name] - (products[name] - damping[name] * h[name]) / cfg.scale
+                for name in names
+            }
+        return h

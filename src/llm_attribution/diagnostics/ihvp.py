@@ -35,16 +35,39 @@ def compare_ihvp(
     names, _, n_test = check_blocks(train, test)
     reference = reference or typing.cast(InnerProductMethod, get_method("exact"))
     rows = slice(0, min(max_test, n_test))
-    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
+    transformed: dict[str, dict[str, torch.Tensor]] = {REFERENCE: {}, **{name: {} for name in methods}}
     for block in names:
         g_train = train[block].double()
         if not bool(g_train.any()):
             continue
         v = test[block][rows].double()
-        exact = reference.transform_test(block, g_train, v)
-        denominator = max(float(exact.norm()), 1e-300)
+        transformed[REFERENCE][block] = exact = reference.transform_test(block, g_train, v)
         for name, method in methods.items():
-            approx = exact if method is reference else method.transform_test(block, g_train, v)
+            transformed[name][block] = (
+                exact if method is reference else method.transform_test(block, g_train, v)
+            )
+    return compare_transformed(transformed, test, REFERENCE, max_test)
+
+
+REFERENCE = "__reference__"
+
+
+def compare_transformed(
+    transformed: Mapping[str, Mapping[str, torch.Tensor]],
+    test: GradientBlocks,
+    reference: str,
+    max_test: int = 20,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`compare_ihvp` from test gradients already transformed by each method (``{method: {block:
+    [m, d]}}``, e.g. by streamed scoring), against ``transformed[reference]``, on the first ``max_test``
+    rows. Every method is compared, the reference too (error 0), except the internal ``REFERENCE`` key."""
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in transformed if name != REFERENCE}
+    for block, exact_block in transformed[reference].items():
+        exact = exact_block[:max_test].double()
+        v = test[block][: exact.shape[0]].double()
+        denominator = max(float(exact.norm()), 1e-300)
+        for name in out:
+            approx = transformed[name][block][:max_test].double()
             out[name][block] = {
                 "relative_error": float((approx - exact).norm()) / denominator,
                 "cosine_vs_exact": _mean_row_cosine(approx, exact),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +90,28 @@ class FeatureStore:
         self, examples: Sequence[Example], collect: Callable[[Sequence[Example]], Features]
     ) -> Features:
         """Load stored shards and compute (then store) the missing ones; returns all rows in order."""
+        return _concat(list(self._fill(examples, collect, read_stored=True)))
+
+    def ensure(self, examples: Sequence[Example], collect: Callable[[Sequence[Example]], Features]) -> None:
+        """Compute and store the missing shards, holding at most one shard in memory (for streaming)."""
+        for _ in self._fill(examples, collect, read_stored=False):
+            pass
+
+    def _fill(
+        self,
+        examples: Sequence[Example],
+        collect: Callable[[Sequence[Example]], Features],
+        read_stored: bool,
+    ) -> Iterator[Features]:
+        """Each shard in order: read when stored (if ``read_stored``), else computed and stored."""
         manifest = self._manifest()
         self.folder.mkdir(parents=True, exist_ok=True)
-        parts: list[Features] = []
         for start in range(0, len(examples), self.shard_size):
             chunk = examples[start : start + self.shard_size]
             name = self._shard_name(start)
             if name in manifest["shards"]:
-                parts.append(self._read_shard(name, manifest["shards"][name], chunk))
+                if read_stored:
+                    yield self._read_shard(name, manifest["shards"][name], chunk)
                 continue
             features = collect(chunk)
             # Block order is the model's module order; safetensors sorts names, so the order is kept
@@ -113,21 +127,20 @@ class FeatureStore:
             log.info(
                 "%s: stored examples %d-%d of %d", self.folder.name, start, start + len(chunk), len(examples)
             )
-            parts.append(features)
-        return _concat(parts)
+            yield features
 
     def load(self, examples: Sequence[Example]) -> Features:
         """Every stored shard of a complete split, checked against the manifest's checksums."""
+        return _concat(list(self.shards(examples)))
+
+    def shards(self, examples: Sequence[Example]) -> Iterator[Features]:
+        """The stored shards of a complete split one at a time, in order, each checked when read."""
         manifest = self._manifest()
-        parts = []
         for start in range(0, len(examples), self.shard_size):
             name = self._shard_name(start)
             if name not in manifest["shards"]:
                 raise RunError(f"{self.folder}: shard {name} is missing")
-            parts.append(
-                self._read_shard(name, manifest["shards"][name], examples[start : start + self.shard_size])
-            )
-        return _concat(parts)
+            yield self._read_shard(name, manifest["shards"][name], examples[start : start + self.shard_size])
 
     def _read_shard(self, name: str, entry: dict[str, Any], chunk: Sequence[Example]) -> Features:
         path = self.folder / name
