@@ -19,7 +19,8 @@ from .data.schema import Example
 from .features.gradients import GradientSettings, collect_features
 from .models.generate import generate_answers
 from .pipeline import open_run
-from .scoring import STUDY_METHODS, AttributeSettings, collect_split, run_identity, score_features
+from .scoring import STUDY_METHODS, AttributeSettings, run_identity, stream_split
+from .streamed_scoring import stream_scores
 
 QUERY_ID = "query"
 
@@ -76,7 +77,7 @@ def explain(
     query = Example(QUERY_ID, prompt, response, "?")
     gradients = GradientSettings()
     train_examples = explained.task.train
-    train = collect_split(
+    train = stream_split(  # read back shard by shard: memory does not grow with the training set
         run,
         "train",
         train_examples,
@@ -92,7 +93,7 @@ def explain(
     )
     ranked: dict[str, list[Ranked]] = {}
     for name, method in settings.build_methods().items():
-        ranked[name] = _top(score_features(method, train, test)[0], train_examples, top)
+        ranked[name] = _top(stream_scores(method, train, test)[0], train_examples, top)
     return Explanation(prompt, response, generated, ranked)
 
 

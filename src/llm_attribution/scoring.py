@@ -134,6 +134,24 @@ def collect_split(
     return store.compute(examples, _collector(model, tokenizer, prompt, gradients, split))
 
 
+def stream_split(
+    run: Path,
+    split: str,
+    examples: Sequence[Example],
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    identity: Mapping[str, Any],
+    prompt: PromptSettings,
+    gradients: GradientSettings,
+    shard_size: int,
+) -> TrainFeatures:
+    """Features of one split stored (the missing shards computed, one at a time) and read back as passes
+    over the store's shards: never all in memory."""
+    store = split_store(run, split, examples, identity, prompt, gradients, shard_size)
+    store.ensure(examples, _collector(model, tokenizer, prompt, gradients, split))
+    return TrainFeatures.from_store(store, examples)
+
+
 def split_store(
     run: Path,
     split: str,
@@ -265,15 +283,16 @@ def stream_run_features(
     identity = run_identity(explained, model_settings)
     model, tokenizer, task = explained.model, explained.tokenizer, explained.task
     start = time.perf_counter()
-    store = split_store(explained.run, "train", task.train, identity, prompt, gradients, shard_size)
-    store.ensure(task.train, _collector(model, tokenizer, prompt, gradients, "train"))
+    train = stream_split(
+        explained.run, "train", task.train, model, tokenizer, identity, prompt, gradients, shard_size
+    )
     timings = {"features_train_s": time.perf_counter() - start}
     start = time.perf_counter()
     test = collect_split(
         explained.run, "test", task.test, model, tokenizer, identity, prompt, gradients, shard_size
     )
     timings["features_test_s"] = time.perf_counter() - start
-    return TrainFeatures.from_store(store, task.train), test, timings
+    return train, test, timings
 
 
 def attribute_explained(

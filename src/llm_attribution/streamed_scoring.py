@@ -34,7 +34,7 @@ from .settings import to_dict
 from .storage import atomic_file
 
 CONVENTION = "higher = the training example supports the test output more"
-EVALUATION_BYTES = 1 << 24  # score rows read at a time when judging a score file
+EVALUATION_BYTES = 1 << 20  # bytes of score rows judged at a time (bounds the sort's memory)
 
 
 @dataclass(frozen=True)
@@ -195,21 +195,17 @@ def stream_methods(
 ) -> dict[str, StreamedResult]:
     """Score every method into ``folder/<method>.safetensors`` with ``train`` streamed, and judge it."""
     gradients = train.gradient_passes()  # shared: the statistics pass is made once for every method
-    n_test = len(test.ids)
     results = {}
     for name, method in methods.items():
         start = time.perf_counter()
         path = folder / f"{name}.safetensors"
-        transformed = None
-        with ScoreFile(
-            path, n_test, train.rows, score_metadata(name, to_dict(method.settings), train_ids, test.ids)
-        ) as out:
-            if method.kind == GRADIENT:
-                transformed = _stream_gradient_method(
-                    typing.cast(AttributionMethod, method), gradients, test, out
-                )
-            else:
-                _stream_representations(typing.cast(RepresentationMethod, method), train, test, out)
+        metadata = score_metadata(name, to_dict(method.settings), train_ids, test.ids)
+        with ScoreFile(path, len(test.ids), train.rows, metadata) as out:
+            transformed, chunks = score_chunks(method, train, test, gradients)
+            column = 0
+            for block in chunks:
+                out.write_columns(column, block)
+                column += block.shape[1]
         seconds = time.perf_counter() - start
         kept = None
         if transformed is not None and keep_transformed:
@@ -219,34 +215,41 @@ def stream_methods(
     return results
 
 
-def _stream_gradient_method(
-    method: AttributionMethod, train: TrainPasses, test: Features, out: ScoreFile
-) -> dict[str, torch.Tensor] | None:
+def stream_scores(method: Method, train: TrainFeatures, test: Features) -> torch.Tensor:
+    """Float32 ``[n_test, n_train]`` scores in memory, ``train`` streamed (for a few test rows, e.g. one
+    query); HIGHER = the training example supports the test output more."""
+    _, chunks = score_chunks(method, train, test)
+    return torch.cat(list(chunks), dim=1)
+
+
+def score_chunks(
+    method: Method, train: TrainFeatures, test: Features, gradients: TrainPasses | None = None
+) -> tuple[dict[str, torch.Tensor] | None, Iterator[torch.Tensor]]:
+    """The transformed test gradients of an inner-product method (None for others) and, lazily, the
+    ``[n_test, n_chunk]`` scores of each training chunk in order (HIGHER = more supportive).
+
+    The transform's passes run now; the scoring pass runs as the chunks are consumed. ``gradients``
+    shares one statistics pass among several methods (default: a fresh one over ``train``)."""
+    if method.kind != GRADIENT:
+        return None, _representation_chunks(typing.cast(RepresentationMethod, method), train, test)
+    gradients = gradients or train.gradient_passes()
     if not isinstance(method, InnerProductMethod):
         # A method without a streamed form: its training gradients are gathered (memory grows with n).
-        parts = list(train)
+        parts = list(gradients)
         blocks = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        out.write_columns(0, method.score(blocks, test.blocks))
-        return None
-    transformed = method.transform_test_streamed(train, test.blocks)
-    dtype = train.compute_dtype(test.blocks)
-    column = 0
-    for chunk in train:
-        block = method.score_chunk(transformed, chunk, len(test.ids), dtype)
-        out.write_columns(column, block)
-        column += block.shape[1]
-    return transformed
+        return None, iter([typing.cast(AttributionMethod, method).score(blocks, test.blocks)])
+    transformed = method.transform_test_streamed(gradients, test.blocks)
+    dtype = gradients.compute_dtype(test.blocks)
+    n_test = len(test.ids)
+    return transformed, (method.score_chunk(transformed, chunk, n_test, dtype) for chunk in gradients)
 
 
-def _stream_representations(
-    method: RepresentationMethod, train: TrainFeatures, test: Features, out: ScoreFile
-) -> None:
+def _representation_chunks(
+    method: RepresentationMethod, train: TrainFeatures, test: Features
+) -> Iterator[torch.Tensor]:
     if test.representations is None:
         raise ConfigError(f"{method.name} needs representations, which these features do not hold")
-    column = 0
     for features in progress(train.passes(), desc=method.name, total=train.chunks):
         if features.representations is None:
             raise ConfigError(f"{method.name} needs representations, which these features do not hold")
-        block = method.score_chunk(features.representations, test.representations)
-        out.write_columns(column, block)
-        column += block.shape[1]
+        yield method.score_chunk(features.representations, test.representations)

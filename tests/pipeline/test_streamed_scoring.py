@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from llm_attribution.attribution.base import available_methods, get_method
 from llm_attribution.data.templates import PromptSettings
@@ -21,8 +22,14 @@ from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
 from llm_attribution.scoring import score_features
-from llm_attribution.streamed_scoring import ScoreFile, TrainFeatures, evaluate_file, stream_methods
-from tests.helpers import toy_task
+from llm_attribution.streamed_scoring import (
+    ScoreFile,
+    TrainFeatures,
+    evaluate_file,
+    stream_methods,
+    stream_scores,
+)
+from tests.helpers import run_cli, tiny_run_args, toy_task
 
 STREAMED_TOL = 1e-5  # float32 scores: the same algebra, summed in another order
 PROMPT = PromptSettings(max_length=40)
@@ -124,3 +131,32 @@ def test_an_incomplete_score_file_is_never_left_behind(tmp_path) -> None:
         out.write_columns(2, torch.tensor([[5.0], [6.0]]))
         out.write_columns(0, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     assert torch.equal(read_scores(path), torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 6.0]]))
+
+
+def test_stream_scores_in_memory_for_a_few_test_rows(tiny_features) -> None:
+    task, stored = tiny_features
+    store, test = stored[None]
+    method = get_method("datainf")
+    expected = score_features(method, store.load(task.train), test)
+    got = stream_scores(method, TrainFeatures.from_store(store, task.train), test)
+    assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL
+
+
+def test_run_with_projection_dim_stores_projected_features_under_their_own_key(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    methods = ["--methods", "hessian-free,exact,repsim"]
+    argv = ["run", *tiny_run_args(train=20, test=4, epochs=1), *methods, "--projection-dim", "16"]
+    code, _, err = run_cli([*argv, "--out", str(run)], capsys)
+    assert code == 0, err
+    [folder] = (run / "features").glob("train-*")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["fingerprint"]["projection"] == {"kind": "kronecker-gaussian", "dim": 16, "seed": 0}
+    shard = load_file(str(next(folder.glob("shard-*.safetensors"))))
+    assert max(v.shape[1] for k, v in shard.items() if not k.startswith("__")) == 16
+    results = json.loads((run / "results.json").read_text())
+    assert read_scores(run / results["methods"]["exact"]["scores"]).shape == (4, 20)
+    # another projection is other features: computed under another key, the first store kept
+    attribute = ["attribute", "--run", str(run), "--methods", "hessian-free", "--quiet"]
+    code, _, err = run_cli([*attribute, "--projection-dim", "8"], capsys)
+    assert code == 0, err
+    assert len(list((run / "features").glob("train-*"))) == 2
