@@ -47,7 +47,9 @@ class MethodSettings:
     """Settings every method shares: how many rows one matrix product handles at a time."""
 
     chunk_size: int = option(
-        1024, "rows (test or train examples) per matrix product; bounds peak memory to ~chunk^2 + chunk*d"
+        1024,
+        "rows (test or train examples) per matrix product; bounds peak memory to ~chunk^2 + chunk*d "
+        "(streamed LiSSA keeps a block's d x d Fisher when d <= chunk, else reads the store every step)",
     )
 
     def __post_init__(self) -> None:

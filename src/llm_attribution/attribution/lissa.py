@@ -89,6 +89,10 @@ class LissaSettings(MethodSettings):
         require(isinstance(self.seed, int), f"--seed must be an integer, got {self.seed!r}")
 
 
+def _device(test: GradientBlocks) -> torch.device:
+    return next(iter(test.values())).device
+
+
 def _warn_diverged(block_name: str, step: int, scale: float) -> None:
     warnings.warn(
         f"LiSSA diverged on block {block_name} after {step + 1} steps (scale {scale:.3g}): "
@@ -171,7 +175,7 @@ class Lissa(InnerProductMethod):
             v[name] = test[name].to(dtype=dtype)
             norm = max(float(v[name].norm()), torch.finfo(dtype).tiny)
             limit[name] = DIVERGENCE_FACTOR * max(1.0, 1.0 / delta[name]) * norm
-        fisher = FisherProducts(train, names, cfg.chunk_size, dtype)
+        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test))
         h = {name: block.clone() for name, block in v.items()}
         out: dict[str, torch.Tensor] = {}
         for step in range(cfg.depth):
@@ -285,7 +289,7 @@ class LissaStudy(InnerProductMethod):
         damping = {name: statistics[name].damping(cfg.damping_scale) for name in names}
         v = {name: test[name].to(dtype=dtype) for name in names}
         h = {name: block.clone() for name, block in v.items()}
-        fisher = FisherProducts(train, names, cfg.chunk_size, dtype)
+        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test))
         for _ in range(cfg.depth):
             products = fisher(h)
             h = {

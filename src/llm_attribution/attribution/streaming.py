@@ -15,7 +15,7 @@ datainf            statistics, Sherman-Morrison sum           ``m x d`` accumula
 exact              statistics, then ``G^T G`` (``d x d``),    ``d x d``; Woodbury: ``n x d`` rows and
                    or the rows when Woodbury applies          ``n x n`` (only while ``n < d``)
 lissa, -study      statistics, then ``F`` (``d x d``) when    ``d x d``, else ``m x d`` iterates
-                   ``d <= chunk_size``, else one per step
+                   ``d <= chunk_size``, else one per step     (lissa's mini-batches: rows gathered)
 repsim             --                                         --
 =================  =========================================  =============================================
 
@@ -116,15 +116,15 @@ class TrainPasses:
                 maxima = dict.fromkeys(widths, 0.0)
             if set(chunk) != set(widths):
                 raise DataError("training gradient chunks cover different blocks")
-            size = -1
+            size = next(iter(chunk.values())).shape[0]
             for name, block in chunk.items():
-                if _width(name, block) != widths[name] or (size != -1 and block.shape[0] != size):
+                if _width(name, block) != widths[name] or block.shape[0] != size:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
-                size = block.shape[0]
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
-                squares = block.to(torch.float64).square().sum(dim=1)
-                sums[name] += float(squares.sum())
-                maxima[name] = max(maxima[name], float(squares.max())) if size else maxima[name]
+                if size:
+                    squares = block.to(torch.float64).square().sum(dim=1)
+                    sums[name] += float(squares.sum())
+                    maxima[name] = max(maxima[name], float(squares.max()))
             rows += size
         if rows <= 0:
             raise DataError("no training examples (gradient blocks have 0 rows)")
@@ -172,20 +172,21 @@ class FisherProducts:
     wider blocks are multiplied by one pass over the training chunks per call.
     """
 
-    def __init__(self, train: TrainPasses, names: list[str], dense_width: int, dtype: torch.dtype) -> None:
+    def __init__(self, train: TrainPasses, names: list[str], dense_width: int, device: torch.device) -> None:
         self.train = train
-        self.dtype = dtype
         statistics = train.statistics()
         self.rows = train.rows
         self.dense = {
-            name: torch.zeros(statistics[name].width, statistics[name].width, dtype=torch.float64)
+            name: torch.zeros(
+                statistics[name].width, statistics[name].width, dtype=torch.float64, device=device
+            )
             for name in names
             if statistics[name].width <= dense_width
         }
         if self.dense:
             for chunk in train:
                 for name, fisher in self.dense.items():
-                    g = chunk[name].to(torch.float64)
+                    g = chunk[name].to(device=device, dtype=torch.float64)
                     fisher.addmm_(g.T, g)
             for fisher in self.dense.values():
                 fisher /= self.rows

@@ -16,6 +16,8 @@ import torch
 
 from ..attribution.base import GradientBlocks, InnerProductMethod, check_blocks, get_method
 
+REFERENCE = "__reference__"  # compare_ihvp's key for a reference method that is not among those compared
+
 
 def compare_ihvp(
     train: GradientBlocks,
@@ -47,9 +49,6 @@ def compare_ihvp(
                 exact if method is reference else method.transform_test(block, g_train, v)
             )
     return compare_transformed(transformed, test, REFERENCE, max_test)
-
-
-REFERENCE = "__reference__"
 
 
 def compare_transformed(
