@@ -4,6 +4,7 @@ score files written column block by column block, equal to the in-memory scores 
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -160,3 +161,50 @@ def test_run_with_projection_dim_stores_projected_features_under_their_own_key(t
     code, _, err = run_cli([*attribute, "--projection-dim", "8"], capsys)
     assert code == 0, err
     assert len(list((run / "features").glob("train-*"))) == 2
+
+
+def _tracked(train: TrainFeatures) -> tuple[TrainFeatures, list[int]]:
+    """``train`` whose passes count how many chunks are alive (any block tensor still referenced) at once."""
+    alive: dict[int, int] = {}
+    peak = [0]
+
+    def release(token: int) -> None:
+        alive[token] -= 1
+        if not alive[token]:
+            del alive[token]
+
+    def passes():
+        for token, features in enumerate(train.passes()):
+            alive[token] = len(features.blocks)
+            for block in features.blocks.values():
+                weakref.finalize(block, release, token)
+            peak[0] = max(peak[0], len(alive))
+            yield features
+
+    return TrainFeatures(passes, train.chunks, train.rows), peak
+
+
+@pytest.mark.parametrize(
+    ("variant", "flat"),
+    [
+        ("hessian-free", True),
+        ("datainf", True),
+        ("lissa", True),  # d x d Fisher accumulated in one pass
+        ("lissa:passes", True),  # one pass per step
+        ("exact:dense", True),  # G^T G accumulated in one pass
+        ("lissa-study", True),
+        ("repsim", True),
+        ("exact", False),  # n_train < d: Woodbury gathers the block's rows (n x d, bounded by d x d)
+        ("lissa:mini-batches", False),  # random rows: gathered
+    ],
+)
+def test_streamed_methods_hold_one_training_chunk_at_a_time(tiny_features, tmp_path, variant, flat) -> None:
+    """Memory independent of n_train, checked structurally: a flat method never keeps more than the chunk
+    it is reading and the one it just finished; the gathering forms keep every chunk."""
+    task, stored = tiny_features
+    store, test = stored[None]
+    train, peak = _tracked(TrainFeatures.from_store(store, task.train))
+    method = get_method(variant.split(":")[0], **VARIANTS[variant])
+    labels = [e.label for e in task.train], [e.label for e in task.test]
+    stream_methods({variant: method}, train, test, tmp_path, *labels, [e.id for e in task.train])
+    assert peak[0] <= 2 if flat else peak[0] == train.chunks == 5
