@@ -175,7 +175,7 @@ class Lissa(InnerProductMethod):
             v[name] = test[name].to(dtype=dtype)
             norm = max(float(v[name].norm()), torch.finfo(dtype).tiny)
             limit[name] = DIVERGENCE_FACTOR * max(1.0, 1.0 / delta[name]) * norm
-        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test))
+        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test), dtype)
         h = {name: block.clone() for name, block in v.items()}
         out: dict[str, torch.Tensor] = {}
         for step in range(cfg.depth):
@@ -289,7 +289,7 @@ class LissaStudy(InnerProductMethod):
         damping = {name: statistics[name].damping(cfg.damping_scale) for name in names}
         v = {name: test[name].to(dtype=dtype) for name in names}
         h = {name: block.clone() for name, block in v.items()}
-        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test))
+        fisher = FisherProducts(train, names, cfg.chunk_size, _device(test), dtype)
         for _ in range(cfg.depth):
             products = fisher(h)
             h = {

@@ -172,7 +172,9 @@ class FisherProducts:
     wider blocks are multiplied by one pass over the training chunks per call.
     """
 
-    def __init__(self, train: TrainPasses, names: list[str], dense_width: int, device: torch.device) -> None:
+    def __init__(
+        self, train: TrainPasses, names: list[str], dense_width: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.train = train
         statistics = train.statistics()
         self.rows = train.rows
@@ -188,16 +190,12 @@ class FisherProducts:
                 for name, fisher in self.dense.items():
                     g = chunk[name].to(device=device, dtype=torch.float64)
                     fisher.addmm_(g.T, g)
-            for fisher in self.dense.values():
-                fisher /= self.rows
+        # Summed in float64, applied in the compute dtype (as the in-memory products are computed).
+        self.dense = {name: (fisher / self.rows).to(dtype) for name, fisher in self.dense.items()}
 
     def __call__(self, h: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{block: F_block h_block}`` for every block of ``h`` (rows of ``h`` are vectors)."""
-        out = {
-            name: (v.to(torch.float64) @ self.dense[name]).to(v.dtype)
-            for name, v in h.items()
-            if name in self.dense
-        }
+        out = {name: v @ self.dense[name] for name, v in h.items() if name in self.dense}
         streamed = {name: v for name, v in h.items() if name not in self.dense}
         if streamed:
             sums = {name: torch.zeros_like(v) for name, v in streamed.items()}
