@@ -138,9 +138,11 @@ def test_stream_scores_in_memory_for_a_few_test_rows(tiny_features) -> None:
     task, stored = tiny_features
     store, test = stored[None]
     method = get_method("datainf")
-    expected = score_features(method, store.load(task.train), test)
-    got = stream_scores(method, TrainFeatures.from_store(store, task.train), test)
-    assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL
+    in_memory = store.load(task.train)
+    expected = score_features(method, in_memory, test)
+    for train in (TrainFeatures.from_store(store, task.train), TrainFeatures.from_features(in_memory, 4)):
+        got = stream_scores(method, train, test)
+        assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL
 
 
 def test_run_with_projection_dim_stores_projected_features_under_their_own_key(tmp_path, capsys) -> None:
