@@ -216,7 +216,7 @@ def report(rows: list[dict[str, Any]], dim: int, threads: int, command: str) -> 
         f"projected factors; representations of width {HIDDEN}. Each size runs in fresh processes (one "
         "writes the store, one scores), so peak RSS (`ru_maxrss`) is that size's own.",
         "",
-        f"| n_train | store MiB | write store, µs/example | {headers} | all five, µs/example "
+        f"| n_train | store MiB | write store, µs/example | {headers} | all five and metrics, µs/example "
         "| peak RSS scoring, MiB |",
         "|---:|---:|---:|" + "---:|" * len(METHODS) + "---:|---:|",
     ]

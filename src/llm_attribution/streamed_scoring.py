@@ -26,7 +26,7 @@ import torch
 from .attribution.base import GRADIENT, AttributionMethod, InnerProductMethod, Method, RepresentationMethod
 from .attribution.streaming import TrainPasses
 from .errors import ConfigError, DataError, RunError
-from .evaluation.metrics import Metrics, encode_labels, evaluate
+from .evaluation.metrics import Metrics, encode_labels, evaluate, judge_rows
 from .features.gradients import Features
 from .features.store import FeatureStore
 from .progress import progress
@@ -153,21 +153,24 @@ def evaluate_file(path: Path, train_labels: Sequence[Any], test_labels: Sequence
         raise DataError(
             f"{path}: {n_test} x {n_train} scores for {len(test_labels)} x {len(train_labels)} labels"
         )
-    _, _, n_classes = encode_labels(train_labels, [])
+    train_codes, test_codes, n_classes = encode_labels(train_labels, test_labels)  # once: n labels
     k = n_train // max(n_classes, 1)
-    step = max(1, EVALUATION_BYTES // (4 * max(n_train, 1)))
-    parts = []
+    if n_test == 0 or not 1 <= k <= n_train:
+        return evaluate(np.zeros((n_test, n_train), dtype=np.float32), train_labels, test_labels)
+    step = max(1, EVALUATION_BYTES // (4 * n_train))
+    hits, coverage = [], []
     for start in range(0, n_test, step):
         rows = min(step, n_test - start)
         block = np.fromfile(path, dtype="<f4", count=rows * n_train, offset=8 + size + 4 * start * n_train)
-        parts.append(
-            evaluate(block.reshape(rows, n_train), train_labels, test_labels[start : start + rows], k=k)
+        if np.isnan(block).any():
+            raise DataError(f"{path}: the score matrix contains NaN; rankings would be arbitrary")
+        hit, cover = judge_rows(
+            block.reshape(rows, n_train), train_codes, test_codes[start : start + rows], k
         )
-    if not parts:
-        return evaluate(np.zeros((0, n_train), dtype=np.float32), train_labels, test_labels)
-    hits = np.concatenate([p.per_test_hit for p in parts])
-    coverage = np.concatenate([p.per_test_coverage for p in parts])
-    return Metrics(float(hits.mean()), float(coverage.mean()), hits, coverage, k)
+        hits.append(hit)
+        coverage.append(cover)
+    hit_all, coverage_all = np.concatenate(hits), np.concatenate(coverage)
+    return Metrics(float(hit_all.mean()), float(coverage_all.mean()), hit_all, coverage_all, k)
 
 
 @dataclass

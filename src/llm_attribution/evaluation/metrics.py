@@ -89,10 +89,7 @@ def evaluate(
         k = n_train // n_classes
     if not 1 <= k <= n_train:
         raise DataError(f"coverage k must be in [1, {n_train}], got {k}")
-    top = np.argsort(-array, axis=1, kind="stable")[:, :k]
-    same = train_codes[top] == test_codes[:, None]  # [n_test, k]
-    per_test_hit = same[:, 0].copy()
-    per_test_coverage = same.mean(axis=1)
+    per_test_hit, per_test_coverage = judge_rows(array, train_codes, test_codes, k)
     return Metrics(
         accuracy=float(per_test_hit.mean()) if n_test else float("nan"),
         coverage=float(per_test_coverage.mean()) if n_test else float("nan"),
@@ -100,3 +97,13 @@ def evaluate(
         per_test_coverage=per_test_coverage,
         k=k,
     )
+
+
+def judge_rows(
+    scores: np.ndarray, train_codes: np.ndarray, test_codes: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per test row of ``scores``: whether its top-1 training example has its label code, and the share of
+    its top-``k`` that do (ties by lower training index). Codes from :func:`encode_labels`."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    same = train_codes[top] == test_codes[:, None]  # [n_test, k]
+    return same[:, 0].copy(), same.mean(axis=1)
