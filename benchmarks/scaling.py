@@ -186,7 +186,8 @@ def machine(threads: int) -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, {memory:.0f} GiB RAM, torch {torch.__version__}, "
-        f"{threads} torch thread(s) per process"
+        f"{threads} torch thread(s) per process, load average {os.getloadavg()[0]:.1f} when it finished "
+        "(other jobs share the machine: times are noisy, memory is not)"
     )
 
 
