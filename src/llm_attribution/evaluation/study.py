@@ -175,4 +175,36 @@ def study_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STUDY_TASKS", "StudySettings", "resolve_task", "run_study", "study_markdown"]
+def per_class_markdown(record: dict[str, Any]) -> str:
+    """Per task, one row per test class: each method's accuracy / coverage averaged over that class's tests
+    (and seeds). It shows which classes a method fails on, which the grid's means hide."""
+    parts = []
+    for task, methods in record["tasks"].items():
+        names = list(methods)
+        classes = sorted({c for m in methods.values() for c in m["accuracy"]["per_class"]})
+        parts += [
+            f"**{task}** (accuracy / coverage per test class)",
+            "",
+            "| class | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for label in classes:
+            cells = [
+                f"{methods[m]['accuracy']['per_class'].get(label, float('nan')):.2f} / "
+                f"{methods[m]['coverage']['per_class'].get(label, float('nan')):.2f}"
+                for m in names
+            ]
+            shown = label if len(label) <= 40 else label[:37] + "..."
+            parts.append(f"| {shown.replace('|', '/')} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
+__all__ = [
+    "STUDY_TASKS",
+    "StudySettings",
+    "per_class_markdown",
+    "resolve_task",
+    "run_study",
+    "study_markdown",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..data.builtin import BUILTIN_TASKS
 from ..data.loaders import load_task
 from ..data.schema import TaskData
 from ..errors import RunError
-from ..evaluation.study import STUDY_FILE, judge_task, study_markdown
+from ..evaluation.study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
 from ..pipeline import FinetuneConfig
 from ..run_layout import SETTINGS_FILE
 from ..scoring import RESULTS_FILE
@@ -76,6 +77,7 @@ def build_report(
         "Scores: higher = supports the test output more.\n\n" + study_markdown(record),
         {f"grid-{m}": grid_figure(record["tasks"], m) for m in ("accuracy", "coverage")},
     )
+    report.add("Per-class breakdown", per_class_markdown(record))
     if official_root is not None and data_root is not None and official_root.is_dir():
         report.add("The study's 7B figures (official score files)", official_table(official_root, data_root))
     for run in _runs(folder):
@@ -178,7 +180,7 @@ def _md_to_html(text: str) -> str:
     for line in [*text.splitlines(), ""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):
-                table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+                table.append([_inline(c.strip()) for c in line.strip("|").split("|")])
             continue
         if table:
             head, *rows = table
@@ -191,5 +193,12 @@ def _md_to_html(text: str) -> str:
             )
             table = []
         if line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     return "".join(out)
+
+
+def _inline(text: str) -> str:
+    """``**bold**`` and `` `code` `` after escaping, so the Markdown marks do not show in the page."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
