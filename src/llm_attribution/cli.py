@@ -19,6 +19,7 @@ from .commands import (
     SCORE_CONVENTION,
     cmd_attribute,
     cmd_diagnose_convergence,
+    cmd_diagnose_ihvp,
     cmd_diagnose_parameters,
     cmd_diagnose_spectrum,
     cmd_evaluate,
@@ -30,6 +31,7 @@ from .commands import (
 )
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
+from .diagnostics.ihvp import SWEPT_METHODS
 from .errors import UserError
 from .evaluation.score_files import FORMATS
 from .evaluation.study import StudySettings
@@ -196,6 +198,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping-scale", type=float, default=0.1, help="damping = scale x mean squared gradient"
     )
 
+    ihvp = _command(
+        diag_sub,
+        cmd_diagnose_ihvp,
+        "ihvp",
+        help="iHVP error of DataInf and LiSSA against exact, and rank agreement, swept over damping",
+        description="At each damping scale: per LoRA block, the relative error of DataInf's and LiSSA's "
+        "inverse-Fisher products against exact (same damping), and the mean Spearman correlation over test "
+        "examples of each method's scores with Hessian-free's and with exact's. " + SCORE_CONVENTION,
+    )
+    ihvp.add_argument("--run", required=True, help="a run folder")
+    ihvp.add_argument(
+        "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
+    )
+    ihvp.add_argument(
+        "--damping-scales",
+        type=_positive_floats,
+        default=(1e-3, 1e-2, 1e-1, 1.0, 10.0),
+        help="comma-separated positive scales; damping = scale x mean squared gradient, per block "
+        "(default: 0.001,0.01,0.1,1,10)",
+    )
+    ihvp.add_argument(
+        "--methods",
+        type=_sweep_methods,
+        default=SWEPT_METHODS,
+        help="approximations compared with exact: datainf, lissa, lissa-study (default: datainf,lissa)",
+    )
+    ihvp.add_argument(
+        "--method-options",
+        default="",
+        help="comma-separated method.option=value besides the damping, e.g. lissa.depth=500",
+    )
+    ihvp.add_argument(
+        "--max-test", type=_positive_int, default=20, help="test gradients per block for the iHVP error"
+    )
+
     conv = _command(
         diag_sub,
         cmd_diagnose_convergence,
@@ -289,6 +326,26 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not value > 0 or value == float("inf") for value in values):
+        raise argparse.ArgumentTypeError(f"every value must be a finite number > 0, got {text!r}")
+    return values
+
+
+def _sweep_methods(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(names) - {"datainf", "lissa", "lissa-study"})
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"the sweep compares datainf, lissa or lissa-study with exact; got {text!r}"
+        )
+    return names
 
 
 def _method_list(text: str) -> tuple[str, ...]:

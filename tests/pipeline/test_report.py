@@ -31,7 +31,7 @@ def _dataset(folder, n_train=24, n_test=6):
 
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
-    """A tiny run on a user dataset (not built in), with its spectrum diagnosed."""
+    """A tiny run on a user dataset (not built in), with its spectrum and damping sweep diagnosed."""
     root = tmp_path_factory.mktemp("report")
     data = _dataset(root / "data")
     run = root / "run"
@@ -53,6 +53,8 @@ def user_run(tmp_path_factory):
     ]
     assert main(argv) == 0
     assert main(["diagnose", "spectrum", "--run", str(run), "--quiet"]) == 0
+    sweep = ["diagnose", "ihvp", "--run", str(run), "--damping-scales", "0.1,10", "--methods", "datainf"]
+    assert main([*sweep, "--quiet"]) == 0
     return run
 
 
@@ -64,7 +66,8 @@ def test_report_of_a_run_with_user_data(user_run, tmp_path, capsys) -> None:
     assert code == 0, err
     page = (run / "report.html").read_text()
     md = (run / "report.md").read_text()
-    assert page.count("data:image/png;base64,") >= 3  # grid x2 and the spectrum, embedded
+    assert page.count("data:image/png;base64,") >= 5  # grid x2, the spectrum and the sweep x2, embedded
+    assert (run / "report" / f"ihvp-rank-{run.name}.png").is_file()
     assert "<table>" in page and "| data | hessian-free |" in md
     assert "[cut: not a built-in dataset]" in md
     assert "must not reproduce in full and then" not in md

@@ -101,6 +101,28 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
             f"Medians over blocks: {summary}.",
             {f"spectrum-{run.name}": spectrum_figure(spectrum["blocks"])},
         )
+    if (diag / "ihvp.json").is_file():
+        points = read_json(diag / "ihvp.json")["points"]
+        scales = [p["damping_scale"] for p in points]
+        names = list(points[0]["relative_error"]) if points else []
+        errors = {m: [p["relative_error"][m] for p in points] for m in names}
+        rho = {
+            f"{m} vs {ref}": [p[f"rank_correlation_vs_{key}"][m] for p in points]
+            for key, ref, members in (("hessian_free", "HF", [*names, "exact"]), ("exact", "exact", names))
+            for m in members
+        }
+        report.add(
+            f"iHVP error and rank agreement over damping ({where})",
+            "Median over blocks of ||approx - exact|| / ||exact||; mean Spearman correlation over tests.",
+            {
+                f"ihvp-error-{run.name}": lines_figure(
+                    scales, errors, "damping scale", "relative error", "iHVP error vs exact", log="xy"
+                ),
+                f"ihvp-rank-{run.name}": lines_figure(
+                    scales, rho, "damping scale", "Spearman", "Rank agreement of scores", log="x"
+                ),
+            },
+        )
     if (diag / "convergence.json").is_file():
         rows = read_json(diag / "convergence.json")["epochs"]
         epochs = [r["epoch"] for r in rows]
