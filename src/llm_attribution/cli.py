@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -193,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
     )
     spec.add_argument(
-        "--damping-scale", type=float, default=0.1, help="damping = scale x mean squared gradient"
+        "--damping-scale",
+        type=_positive_float,
+        default=0.1,
+        help="damping = scale x mean squared gradient (> 0)",
     )
 
     conv = _command(
@@ -288,6 +292,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 

@@ -1,0 +1,114 @@
+"""A run's score matrices, one file per method, with a manifest that makes them a checked cache.
+
+```
+RUN/scores/
+  manifest.json          per method: the key its scores were computed under, the file's SHA-256, seconds
+  <method>.safetensors   rows = test, columns = train; HIGHER = the training example supports the test more
+```
+
+A method's key holds the fingerprints of the features it scored (model, adapter weights, data content,
+template, max length, loss masking, dtype) and the method's own settings, so scores are reused only when
+nothing that produced them changed and the file still has its recorded checksum; anything else is
+recomputed (a damaged file is named in a warning first). Each method's file and then the manifest are
+written atomically as soon as that method is scored, so a run killed while scoring keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from .storage import read_json, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SCORES_DIR = "scores"
+SCORES_MANIFEST = "manifest.json"
+CONVENTION = "higher = the training example supports the test output more"
+
+
+def scores_path(run: Path, method: str) -> Path:
+    return run / SCORES_DIR / f"{method}.safetensors"
+
+
+class ScoreStore:
+    """The ``scores/`` folder of one run."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.manifest_path = run / SCORES_DIR / SCORES_MANIFEST
+
+    def _manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"methods": {}, "ihvp": None}
+        try:
+            manifest: dict[str, Any] = read_json(self.manifest_path)
+        except (OSError, ValueError) as exc:  # written atomically, so only outside damage gets here
+            log.warning("cannot read %s (%s); every method is scored again", self.manifest_path, exc)
+            return {"methods": {}, "ihvp": None}
+        return manifest
+
+    def cached(self, method: str, key: dict[str, Any]) -> tuple[torch.Tensor, float] | None:
+        """``(scores, seconds they took)`` stored under ``key``, or None when absent, stale or damaged."""
+        entry = self._manifest()["methods"].get(method)
+        if entry is None or entry.get("key") != key:
+            return None
+        path = scores_path(self.run, method)
+        try:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            scores = load(data)["scores"]
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            log.warning("scores file %s is damaged or missing (%s); scoring %s again", path, exc, method)
+            return None
+        log.info("%s: reusing stored scores (same features and settings)", method)
+        return scores, float(entry["seconds"])
+
+    def put(
+        self,
+        method: str,
+        key: dict[str, Any],
+        scores: torch.Tensor,
+        seconds: float,
+        settings: dict[str, Any],
+        train_ids: Sequence[str],
+        test_ids: Sequence[str],
+    ) -> Path:
+        """Write ``scores/<method>.safetensors`` (ids and settings in its metadata), then the manifest."""
+        path = scores_path(self.run, method)
+        metadata = {
+            "method": method,
+            "convention": CONVENTION,
+            "train_ids": json.dumps(list(train_ids)),
+            "test_ids": json.dumps(list(test_ids)),
+            "settings": json.dumps(settings),
+        }
+        data = save({"scores": scores.contiguous()}, metadata=metadata)
+        write_bytes_atomic(path, data)
+        manifest = self._manifest()
+        manifest["methods"][method] = {
+            "key": key,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "seconds": seconds,
+        }
+        write_json_atomic(self.manifest_path, manifest)
+        return path
+
+    def cached_ihvp(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored comparison of inverse-Fisher approximations with exact, when made under ``key``."""
+        entry = self._manifest().get("ihvp")
+        return entry["values"] if entry and entry.get("key") == key else None
+
+    def put_ihvp(self, key: dict[str, Any], values: dict[str, Any]) -> None:
+        manifest = self._manifest()
+        manifest["ihvp"] = {"key": key, "values": values}
+        write_json_atomic(self.manifest_path, manifest)
