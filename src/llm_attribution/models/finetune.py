@@ -139,17 +139,27 @@ def finetune(
             for step in range(skip, len(batches)):
                 rows = batches[step]
                 batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
-                loss = model(**batch).loss
+                out = model(**batch)
+                loss = out.loss
                 if not torch.isfinite(loss):
-                    ids = ", ".join(train[i].id for i in rows[:5])
+                    ids = ", ".join(train[rows[r]].id for r in _non_finite_rows(out.logits, batch)[:5])
                     raise UserError(
-                        f"non-finite training loss in epoch {epoch} on examples {ids}; lower --learning-rate"
+                        f"non-finite training loss in epoch {epoch} on example(s) {ids}; "
+                        "lower --learning-rate, or check those examples and the model's weights"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # AdamW's step size itself overflows float32
+                    if "overflow" not in str(exc):
+                        raise
+                    raise UserError(
+                        f"the optimizer step overflowed in epoch {epoch}: --learning-rate "
+                        f"{settings.learning_rate:g} is far too large"
+                    ) from None
                 scheduler.step()
                 losses.append(loss.item())
                 bar.update(1, epoch=epoch, loss=f"{losses[-1]:.3f}")
@@ -174,6 +184,13 @@ def finetune(
             )
     model.eval()
     return curve
+
+
+def _non_finite_rows(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[int]:
+    """Rows of a batch whose logits are non-finite at a real token (all rows when none is singled out)."""
+    finite = torch.isfinite(logits.detach()).all(dim=-1) | (batch["attention_mask"] == 0)
+    bad = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+    return bad or list(range(logits.shape[0]))
 
 
 def _state(
