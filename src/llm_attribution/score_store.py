@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from .errors import RunError
 from .storage import read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class ScoreStore:
             return {"methods": {}, "ihvp": None}
         try:
             manifest: dict[str, Any] = read_json(self.manifest_path)
-        except (OSError, ValueError) as exc:  # written atomically, so only outside damage gets here
+        except (OSError, RunError) as exc:  # written atomically, so only outside damage gets here
             log.warning("cannot read %s (%s); every method is scored again", self.manifest_path, exc)
             return {"methods": {}, "ihvp": None}
         return manifest
