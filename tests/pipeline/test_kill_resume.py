@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from scripts.kill_resume import MOMENTS, check_moments, compare
 
 
