@@ -22,4 +22,4 @@ def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path) -> None:
     for method in STUDY_METHODS:  # compare() covers these too; spelled out for the reader
         a, b = (load_file(tmp_path / run / "scores" / f"{method}.safetensors")["scores"] for run in "ab")
         assert torch.equal(a, b), method
-    # compare() sees a one-ulp change: tests/pipeline/test_kill_resume.py::test_the_comparison_sees_a_one_ulp_change
+    # that compare() sees a one-ulp change is shown in tests/pipeline/test_kill_resume.py
