@@ -203,6 +203,9 @@ def compare(reference: Path, candidate: Path) -> list[str]:
         other = candidate / shard.relative_to(reference)
         if not other.is_file() or not _same_tensors(shard, other):
             differences.append(f"{shard.relative_to(reference)} differs")
+    leftovers = sorted(str(p.relative_to(candidate)) for p in candidate.rglob("*.tmp"))
+    if leftovers:
+        differences.append(f"half-written files left behind: {', '.join(leftovers[:3])}")
     return differences
 
 

@@ -82,3 +82,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files and folders a killed writer left under ``folder``; returns how many.
+
+    Only this module's names are touched (``.<name>.<random>.tmp``); call it before a run resumes, never
+    while another process writes into the same folder.
+    """
+    stale = [p for p in folder.rglob(".*.tmp") if p.name.startswith(".")]
+    for path in sorted(stale, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return len(stale)
