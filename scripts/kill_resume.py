@@ -9,7 +9,7 @@ the kill lands exactly there; see ``llm_attribution/pause.py``):
 
 - fine-tuning: in epoch 2, after its 3rd optimizer step and before that step's checkpoint,
 - gradient collection: the 2nd feature shard computed but not yet stored,
-- scoring: the 2nd method's scores computed but not yet stored.
+- scoring: two methods stored, the third (exact) summed over 3 of its 8 LoRA blocks, 2 of them stored.
 
 Each killed run is started again with the same command. Then every artefact is compared with the
 uninterrupted run's: ``results.json`` (all but timings and the run's own path), every score matrix
@@ -59,23 +59,37 @@ RUN_ARGS = (
     "20",
     "--checkpoint-minutes",
     "0",
+    "--score-checkpoint-minutes",
+    "0",
     "--quiet",
 )
 
 
 @dataclass(frozen=True)
 class Moment:
-    """Where to kill (a pause point of ``LLM_ATTR_PAUSE_AT``) and a file the killed run has finished then."""
+    """Where to kill (a pause point of ``LLM_ATTR_PAUSE_AT``), a file the killed run has finished by then
+    (which the rerun must not write again), and a checkpoint it must resume from."""
 
     stage: str
     pause_at: str
-    finished: str  # relative to the run folder; a glob pattern
+    finished: str  # glob patterns relative to the run folder
+    checkpoint: str
 
 
 MOMENTS = (
-    Moment("fine-tuning", "finetune-step:11", "adapters/epoch-1/adapter_model.safetensors"),
-    Moment("gradient collection", "features-shard:2", "features/train-*/shard-00000.safetensors"),
-    Moment("scoring", "scores-method:2", "scores/hessian-free.safetensors"),
+    # 60 examples in batches of 8: 8 steps per epoch; step 11 is the 3rd of epoch 2
+    Moment("fine-tuning", "finetune-step:11", "adapters/epoch-1/adapter_model.safetensors", "train_state.pt"),
+    # train shards of 20 examples: the 2nd is computed, not stored
+    Moment(
+        "gradient collection",
+        "features-shard:2",
+        "features/train-*/shard-00000.safetensors",
+        "features/train-*/manifest.json",
+    ),
+    # 8 LoRA blocks per method: 7 block checkpoints each for hessian-free and datainf, then exact's 3rd block
+    Moment(
+        "scoring", "scores-block:17", "scores/hessian-free.safetensors", "scores/partial-exact.safetensors"
+    ),
 )
 TIMEOUT_S = 300.0
 PAUSED = "llm-attr: paused at "
@@ -229,6 +243,7 @@ def _stamp(run: Path, pattern: str) -> tuple[Path, int, int]:
 def _kill_and_resume(out: Path, moment: Moment, run_args: Sequence[str]) -> Outcome:
     run_and_kill_at(out, moment.pause_at, run_args)
     kept, inode, mtime = _stamp(out, moment.finished)
+    _stamp(out, moment.checkpoint)
     run_to_end(out, run_args)
     outcome = Outcome(f"killed during {moment.stage} ({moment.pause_at})", kills=1)
     stat = kept.stat()

@@ -7,7 +7,8 @@ feature shard, mid scoring. Points are placed where work is half done (computed,
 worst moment for a crash. Unset (always, outside tests), a pause point costs one dictionary lookup.
 
 Points: ``finetune-step`` (after an optimizer step, before its checkpoint), ``features-shard`` (a shard's
-features computed, not yet written), ``scores-method`` (a method's scores computed, not yet written).
+features computed, not yet written), ``scores-block`` (a gradient method's sum over one more LoRA block
+computed, not yet kept), ``scores-method`` (a method's scores computed, not yet written).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections import Counter
 
 ENV = "LLM_ATTR_PAUSE_AT"
-POINTS = ("finetune-step", "features-shard", "scores-method")
+POINTS = ("finetune-step", "features-shard", "scores-block", "scores-method")
 _calls: Counter[str] = Counter()
 
 

@@ -26,6 +26,7 @@ from .attribution.base import (
     AttributionMethod,
     InnerProductMethod,
     Method,
+    PartialScores,
     RepresentationMethod,
     get_method,
     method_class,
@@ -62,6 +63,12 @@ class AttributeSettings:
     )
     epoch: int | None = option(None, "explain the adapter saved after this epoch (default: the last)")
     shard_size: int = option(256, "examples per stored feature shard (the unit a crashed run resumes from)")
+    score_checkpoint_minutes: float = option(
+        5.0,
+        "keep a method's partial scores (its sum over the LoRA blocks done) at most this often, for resuming "
+        "a killed run (0: after every block); results do not depend on it",
+        recorded=False,
+    )
 
     def __post_init__(self) -> None:
         require(len(self.methods) > 0, "--methods must name at least one method")
@@ -70,6 +77,10 @@ class AttributeSettings:
             method_class(name)  # unknown names fail here, before any work
         parse_method_options(self.methods, self.method_options)
         require_positive("shard_size", self.shard_size)
+        require(
+            self.score_checkpoint_minutes >= 0 and self.score_checkpoint_minutes != float("inf"),
+            f"--score-checkpoint-minutes must be >= 0, got {self.score_checkpoint_minutes!r}",
+        )
         if self.epoch is not None:
             require_positive("epoch", self.epoch)
 
@@ -186,6 +197,33 @@ def score_methods(
 RESULTS_FILE = "results.json"
 
 
+def _score_resumably(
+    store: ScoreStore,
+    key: dict[str, Any],
+    method: Method,
+    features: Mapping[str, Features],
+    settings: AttributeSettings,
+) -> tuple[torch.Tensor, float]:
+    """One method's scores and the seconds they took; a gradient method keeps its running sum over blocks
+    at most every ``settings.score_checkpoint_minutes`` and resumes from it (identical results)."""
+    if not isinstance(method, InnerProductMethod):
+        start = time.perf_counter()
+        return score_features(method, features["train"], features["test"]), time.perf_counter() - start
+    resumed = store.partial(method.name, key)
+    partial, before = resumed if resumed is not None else (None, 0.0)
+    start = last_save = time.perf_counter()
+
+    def keep(running: PartialScores) -> None:
+        nonlocal last_save
+        pause_point("scores-block")
+        if time.perf_counter() - last_save >= settings.score_checkpoint_minutes * 60.0:
+            store.put_partial(method.name, key, running, before + time.perf_counter() - start)
+            last_save = time.perf_counter()
+
+    scores = method.accumulate(features["train"].blocks, features["test"].blocks, partial, keep)
+    return scores, before + time.perf_counter() - start
+
+
 def _method_key(method: Method) -> dict[str, Any]:
     """What identifies a method's scores besides the features: its class and every one of its settings."""
     return {"class": type(method).__qualname__, "settings": to_dict(method.settings)}
@@ -265,9 +303,7 @@ def attribute_explained(
     for name, method in methods.items():
         hit = cached[name]
         if hit is None:
-            start = time.perf_counter()
-            scores = score_features(method, features["train"], features["test"])
-            seconds = time.perf_counter() - start
+            scores, seconds = _score_resumably(store, keys[name], method, features, settings)
             log.info("scored %s in %.2f s", name, seconds)
             pause_point("scores-method")
             store.put(name, keys[name], scores, seconds, to_dict(method.settings), train_ids, test_ids)
