@@ -56,7 +56,7 @@ def run(tmp_path_factory) -> tuple[Path, FinetuneConfig]:  # type: ignore[no-unt
 def calls(monkeypatch) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """How often each stage computed something: fine-tuning, feature shards per split, method scorings."""
     counts = {"finetune": 0, "train": 0, "test": 0, "score": 0}
-    finetune, collect, score = pipeline.finetune, scoring.collect_features, scoring.score_features
+    finetune, collect, score = pipeline.finetune, scoring.collect_features, scoring._score_resumably
 
     def counting_finetune(*args, **kwargs):  # type: ignore[no-untyped-def]
         counts["finetune"] += 1
@@ -72,7 +72,7 @@ def calls(monkeypatch) -> dict[str, int]:  # type: ignore[no-untyped-def]
 
     monkeypatch.setattr(pipeline, "finetune", counting_finetune)
     monkeypatch.setattr(scoring, "collect_features", counting_collect)
-    monkeypatch.setattr(scoring, "score_features", counting_score)
+    monkeypatch.setattr(scoring, "_score_resumably", counting_score)
     return counts
 
 
