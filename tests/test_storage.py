@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from llm_attribution.errors import RunError
+from llm_attribution.score_store import ScoreStore, read_run_scores
 from llm_attribution.storage import atomic_dir, read_json, remove_stale_temporaries, write_bytes_atomic
 
 
@@ -50,3 +52,14 @@ def test_damaged_json_is_named(tmp_path) -> None:
     path.write_text('{"methods": {')
     with pytest.raises(RunError, match=r"results\.json is damaged"):
         read_json(path)
+
+
+def test_a_damaged_scores_file_is_named_when_read(tmp_path) -> None:
+    ScoreStore(tmp_path).put("exact", {"k": 1}, torch.ones(2, 3), 0.1, {}, ["a", "b", "c"], ["x", "y"])
+    assert torch.equal(read_run_scores(tmp_path, "exact"), torch.ones(2, 3))
+    path = tmp_path / "scores" / "exact.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match=r"exact\.safetensors is damaged"):
+        read_run_scores(tmp_path, "exact")

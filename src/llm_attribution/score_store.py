@@ -152,3 +152,18 @@ class ScoreStore:
         manifest = self._manifest()
         manifest["ihvp"] = {"key": key, "values": values}
         write_json_atomic(self.manifest_path, manifest)
+
+
+def read_run_scores(run: Path, method: str) -> torch.Tensor:
+    """A run's stored scores of ``method`` (HIGHER = more supportive), checked against the manifest's
+    checksum when it has one; a damaged or missing file is a :class:`RunError` naming it."""
+    path = scores_path(run, method)
+    entry = ScoreStore(run)._manifest()["methods"].get(method)
+    try:
+        data = path.read_bytes()
+        if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError("checksum mismatch")
+        return load(data)["scores"]
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        message = f"scores file {path} is damaged or missing ({exc}); run the same command again to recompute"
+        raise RunError(message) from None
