@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -195,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
     )
     spec.add_argument(
-        "--damping-scale", type=float, default=0.1, help="damping = scale x mean squared gradient"
+        "--damping-scale",
+        type=_positive_float,
+        default=0.1,
+        help="damping = scale x mean squared gradient (> 0)",
     )
 
     ihvp = _command(
@@ -328,13 +332,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_floats(text: str) -> tuple[float, ...]:
+def _positive_float(text: str) -> float:
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not value > 0 or value == float("inf") for value in values):
-        raise argparse.ArgumentTypeError(f"every value must be a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    values = tuple(_positive_float(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
     return values
 
 

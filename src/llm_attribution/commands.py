@@ -6,8 +6,11 @@ Scores everywhere follow one convention: HIGHER = the training example supports 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +71,26 @@ def _one_line(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
+@contextlib.contextmanager
+def _removed_on_user_error(folder: Path) -> Iterator[None]:
+    """Delete ``folder`` when this command created it and then failed on the user's input (a NaN loss, say).
+
+    Such a run cannot be resumed (the same settings fail the same way; other settings need a new folder),
+    so it would only be partial output. A folder that existed before is left as it was found; a crash or
+    kill (not a user error) keeps everything, for resuming.
+    """
+    created = not folder.exists()
+    try:
+        yield
+    except UserError:
+        if created and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    report = finetune_run(_finetune_config(args), Path(args.out), show=args.show)
+    with _removed_on_user_error(Path(args.out)):
+        report = finetune_run(_finetune_config(args), Path(args.out), show=args.show)
     _print_finetune(report)
     return 0
 
@@ -94,14 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     attribute = from_args(AttributeSettings, args)
     gradients = from_args(GradientSettings, args)
     run = Path(args.out)
-    if args.adapter:
-        explained = explain_adapter(config, run, Path(args.adapter))
-    else:
-        report = finetune_run(config, run, show=args.show)
-        _print_finetune(report)
-        explained = report.explained
-    explained = select_epoch(explained, attribute.epoch)
-    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    with _removed_on_user_error(run):
+        if args.adapter:
+            explained = explain_adapter(config, run, Path(args.adapter))
+        else:
+            report = finetune_run(config, run, show=args.show)
+            _print_finetune(report)
+            explained = report.explained
+        explained = select_epoch(explained, attribute.epoch)
+        record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
     _print_methods(record)
     print(f"results: {run / RESULTS_FILE}")
     return 0

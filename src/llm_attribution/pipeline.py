@@ -33,7 +33,7 @@ from .models.settings import LoraSettings, ModelSettings
 from .run_layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
 from .scoring import adapter_fingerprint
 from .settings import from_dict, to_dict
-from .storage import read_json, write_json_atomic
+from .storage import read_json, remove_stale_temporaries, write_json_atomic
 from .versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def check_run_dir(run: Path, settings: dict[str, Any]) -> bool:
 def _start_run(run: Path, settings: dict[str, Any], model: ModelSettings) -> tuple[bool, LoadedModel]:
     existed = check_run_dir(run, settings)
     loaded = load_model(model)  # before anything is written: a bad model leaves no folder behind
+    if existed and (removed := remove_stale_temporaries(run)):
+        log.info("%s: removed %d half-written file(s) of an interrupted run", run, removed)
     if not existed:
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / SETTINGS_FILE, settings)

@@ -6,7 +6,6 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import typing
@@ -17,7 +16,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors.torch import save
 from transformers import PreTrainedTokenizerBase
 
 if typing.TYPE_CHECKING:
@@ -28,6 +26,7 @@ from .attribution.base import (
     AttributionMethod,
     InnerProductMethod,
     Method,
+    PartialScores,
     RepresentationMethod,
     get_method,
     method_class,
@@ -40,15 +39,16 @@ from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
 from .features.store import FeatureStore, file_sha256
 from .models.settings import ModelSettings
+from .pause import pause_point
 from .run_layout import SETTINGS_FILE
+from .score_store import ScoreStore, scores_path
 from .settings import base_type, field_types, option, require, require_positive, to_dict
-from .storage import read_json, write_bytes_atomic, write_json_atomic
+from .storage import read_json, write_json_atomic
 from .versions import package_versions
 
 log = logging.getLogger(__name__)
 
 STUDY_METHODS = ("hessian-free", "datainf", "lissa", "exact", "repsim")
-SCORES_DIR = "scores"
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class AttributeSettings:
     )
     epoch: int | None = option(None, "explain the adapter saved after this epoch (default: the last)")
     shard_size: int = option(256, "examples per stored feature shard (the unit a crashed run resumes from)")
+    score_checkpoint_minutes: float = option(
+        5.0,
+        "keep a method's partial scores (its sum over the LoRA blocks done) at most this often, for resuming "
+        "a killed run (0: after every block); results do not depend on it",
+        recorded=False,
+    )
 
     def __post_init__(self) -> None:
         require(len(self.methods) > 0, "--methods must name at least one method")
@@ -71,6 +77,10 @@ class AttributeSettings:
             method_class(name)  # unknown names fail here, before any work
         parse_method_options(self.methods, self.method_options)
         require_positive("shard_size", self.shard_size)
+        require(
+            self.score_checkpoint_minutes >= 0 and self.score_checkpoint_minutes != float("inf"),
+            f"--score-checkpoint-minutes must be >= 0, got {self.score_checkpoint_minutes!r}",
+        )
         if self.epoch is not None:
             require_positive("epoch", self.epoch)
 
@@ -131,12 +141,18 @@ def collect_split(
     shard_size: int,
 ) -> Features:
     """Features of one split, from the store when they were computed with the same fingerprint."""
-    fingerprint = {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples)}
-    store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
+    store = FeatureStore(run, split, split_fingerprint(identity, prompt, examples), shard_size=shard_size)
     return store.compute(
         examples,
         lambda chunk: collect_features(model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"),
     )
+
+
+def split_fingerprint(
+    identity: Mapping[str, Any], prompt: PromptSettings, examples: Sequence[Example]
+) -> dict[str, Any]:
+    """Everything that produced one split's features: model, adapter, dtype, template, data content."""
+    return {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples)}
 
 
 @dataclass
@@ -178,21 +194,39 @@ def score_methods(
     return results
 
 
-def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test_ids: Sequence[str]) -> Path:
-    """``scores/<method>.safetensors``: the matrix (rows = test, columns = train) with ids in its metadata."""
-    path = run / SCORES_DIR / f"{result.name}.safetensors"
-    metadata = {
-        "method": result.name,
-        "convention": "higher = the training example supports the test output more",
-        "train_ids": json.dumps(list(train_ids)),
-        "test_ids": json.dumps(list(test_ids)),
-        "settings": json.dumps(result.settings),
-    }
-    write_bytes_atomic(path, save({"scores": result.scores.contiguous()}, metadata=metadata))
-    return path
-
-
 RESULTS_FILE = "results.json"
+
+
+def _score_resumably(
+    store: ScoreStore,
+    key: dict[str, Any],
+    method: Method,
+    features: Mapping[str, Features],
+    settings: AttributeSettings,
+) -> tuple[torch.Tensor, float]:
+    """One method's scores and the seconds they took; a gradient method keeps its running sum over blocks
+    at most every ``settings.score_checkpoint_minutes`` and resumes from it (identical results)."""
+    if not isinstance(method, InnerProductMethod):
+        start = time.perf_counter()
+        return score_features(method, features["train"], features["test"]), time.perf_counter() - start
+    resumed = store.partial(method.name, key)
+    partial, before = resumed if resumed is not None else (None, 0.0)
+    start = last_save = time.perf_counter()
+
+    def keep(running: PartialScores) -> None:
+        nonlocal last_save
+        pause_point("scores-block")
+        if time.perf_counter() - last_save >= settings.score_checkpoint_minutes * 60.0:
+            store.put_partial(method.name, key, running, before + time.perf_counter() - start)
+            last_save = time.perf_counter()
+
+    scores = method.accumulate(features["train"].blocks, features["test"].blocks, partial, keep)
+    return scores, before + time.perf_counter() - start
+
+
+def _method_key(method: Method) -> dict[str, Any]:
+    """What identifies a method's scores besides the features: its class and every one of its settings."""
+    return {"class": type(method).__qualname__, "settings": to_dict(method.settings)}
 
 
 def run_identity(explained: Explained, model_settings: ModelSettings) -> dict[str, Any]:
@@ -245,35 +279,61 @@ def attribute_explained(
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
     run, task = explained.run, explained.task
-    features, timings = collect_run_features(
-        explained, prompt, gradients, model_settings, settings.shard_size
-    )
-    adapter_sha256 = adapter_fingerprint(explained.adapter)
+    identity = run_identity(explained, model_settings)
+    feature_keys = {
+        split: FeatureStore(run, split, split_fingerprint(identity, prompt, examples)).folder.name
+        for split, examples in (("train", task.train), ("test", task.test))
+    }
     methods = settings.build_methods()
-    results = score_methods(methods, features["train"], features["test"], task)
-    # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
-    ihvp: dict[str, dict[str, dict[str, float]]] = {}
-    if "exact" in methods:
-        compared = compare_ihvp(
+    store = ScoreStore(run)
+    keys = {name: {"features": feature_keys, "method": name, **_method_key(m)} for name, m in methods.items()}
+    cached = {name: store.cached(name, keys[name]) for name in methods}
+    compared = inner_product_methods(methods, include_exact=True) if "exact" in methods else {}
+    ihvp_key = {"features": feature_keys, **{name: _method_key(m) for name, m in compared.items()}}
+    ihvp = store.cached_ihvp(ihvp_key) if compared else {}
+    features: dict[str, Features] = {}
+    timings: dict[str, float] = {}
+    if ihvp is None or any(hit is None for hit in cached.values()):
+        features, timings = collect_run_features(
+            explained, prompt, gradients, model_settings, settings.shard_size
+        )
+    train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
+    train_labels, test_labels = [e.label for e in task.train], [e.label for e in task.test]
+    results = {}
+    for name, method in methods.items():
+        hit = cached[name]
+        if hit is None:
+            scores, seconds = _score_resumably(store, keys[name], method, features, settings)
+            log.info("scored %s in %.2f s", name, seconds)
+            pause_point("scores-method")
+            store.put(name, keys[name], scores, seconds, to_dict(method.settings), train_ids, test_ids)
+        else:
+            scores, seconds = hit
+        metrics = evaluate(scores, train_labels, test_labels)
+        results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
+    if ihvp is None:
+        # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
+        per_block = compare_ihvp(
             features["train"].blocks,
             features["test"].blocks,
-            inner_product_methods(methods, include_exact=True),
+            compared,
             reference=typing.cast(InnerProductMethod, methods["exact"]),
         )
         ihvp = {
             name: {
                 key: summarize({b: c[key] for b, c in blocks.items()}) for key in next(iter(blocks.values()))
             }
-            for name, blocks in compared.items()
+            for name, blocks in per_block.items()
             if blocks
         }
-    train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
+        store.put_ihvp(ihvp_key, ihvp)
+    adapter_sha256 = identity["adapter_sha256"]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
     if record.get("adapter_sha256") != adapter_sha256:
         record = {"methods": {}}  # scores of another adapter (epoch) must not be mixed in
     for name, result in results.items():
-        score_path = write_scores(run, result, train_ids, test_ids)
+        score_path = scores_path(run, name)
         record["methods"][name] = {
             "accuracy": result.metrics.accuracy,
             "coverage": result.metrics.coverage,

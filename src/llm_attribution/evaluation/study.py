@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
 from ..data.loaders import load_task
 from ..features.gradients import GradientSettings
 from ..pipeline import FinetuneConfig, finetune_run, select_epoch
+from ..score_store import read_run_scores
 from ..scoring import RESULTS_FILE, AttributeSettings, attribute_explained
 from ..settings import option, require, to_dict
 from ..storage import write_json_atomic
@@ -122,7 +122,7 @@ def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict
         per_seed: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
         test_labels: list[str] = []
         for cell in seeds.values():
-            scores = load_file(str(cell["run"] / "scores" / f"{method}.safetensors"))["scores"]
+            scores = read_run_scores(cell["run"], method)
             train_labels, test_labels = cell["labels"]
             ranking = ranking_metrics(scores, train_labels, test_labels, precision_ks=(10,))
             values = {

@@ -28,6 +28,7 @@ from safetensors.torch import load, save
 
 from ..data.schema import Example
 from ..errors import RunError
+from ..pause import pause_point
 from ..storage import read_json, write_bytes_atomic, write_json_atomic
 from .gradients import Features
 
@@ -91,7 +92,6 @@ class FeatureStore:
     ) -> Features:
         """Load stored shards and compute (then store) the missing ones; returns all rows in order."""
         manifest = self._manifest()
-        self.folder.mkdir(parents=True, exist_ok=True)
         parts: list[Features] = []
         for start in range(0, len(examples), self.shard_size):
             chunk = examples[start : start + self.shard_size]
@@ -100,6 +100,7 @@ class FeatureStore:
                 parts.append(self._read_shard(name, manifest["shards"][name], chunk))
                 continue
             features = collect(chunk)
+            pause_point("features-shard")
             # Block order is the model's module order; safetensors sorts names, so the order is kept
             # here: scores sum over blocks, and a different order would round differently.
             metadata = {"ids": json.dumps(features.ids), "blocks": json.dumps(list(features.blocks))}

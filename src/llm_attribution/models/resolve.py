@@ -109,6 +109,11 @@ def _load_pretrained(
                 "pass its local folder with --model PATH, or use --model embedded"
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not local:  # the hub answered the probe, yet loading failed: often a hub that is only half there
+            raise ModelError(
+                f"cannot load model '{spec}' from the model hub ({first}); check the id, or if the hub is "
+                "unreachable from here, download it elsewhere and pass its local folder with --model PATH"
+            ) from None
         raise ModelError(f"cannot load model '{spec}': {first}") from None
     return model, tokenizer
 

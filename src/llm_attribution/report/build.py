@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
 from ..data.builtin import BUILTIN_TASKS
 from ..data.loaders import load_task
@@ -25,6 +24,7 @@ from ..errors import RunError
 from ..evaluation.study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
 from ..pipeline import FinetuneConfig
 from ..run_layout import SETTINGS_FILE
+from ..score_store import read_run_scores
 from ..scoring import RESULTS_FILE
 from ..storage import read_json, write_bytes_atomic
 from .figures import grid_figure, lines_figure, spectrum_figure
@@ -163,7 +163,7 @@ def _examples(run: Path, count: int) -> str:
     lines = []
     picks = np.linspace(0, len(task.test) - 1, num=min(count, len(task.test))).astype(int)
     for name in read_json(run / RESULTS_FILE)["methods"]:
-        scores = load_file(str(run / "scores" / f"{name}.safetensors"))["scores"].double().numpy()
+        scores = read_run_scores(run, name).double().numpy()
         for t in picks:
             test = task.test[t]
             lines.append(f"- **{name}**, test `{test.id}` [{test.label}]: {show(test.prompt)}")
