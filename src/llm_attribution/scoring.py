@@ -6,6 +6,7 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 if typing.TYPE_CHECKING:
     from .pipeline import Explained
 
+from . import distributed
 from .attribution.base import (
     GRADIENT,
     AttributionMethod,
@@ -38,6 +40,7 @@ from .diagnostics.ihvp import compare_ihvp, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
+from .features.sharded import collect_sharded, score_sharded
 from .features.store import FeatureStore, file_sha256
 from .models.settings import ModelSettings
 from .run_layout import SETTINGS_FILE
@@ -133,10 +136,11 @@ def collect_split(
     """Features of one split, from the store when they were computed with the same fingerprint."""
     fingerprint = {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples)}
     store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
-    return store.compute(
-        examples,
-        lambda chunk: collect_features(model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"),
+    collect = functools.partial(
+        collect_features, model, tokenizer, prompt=prompt, settings=gradients, desc=f"{split} features"
     )
+    # under torchrun each rank computes a slice of every shard (collect_sharded); rank 0 stores it
+    return store.compute(examples, functools.partial(collect_sharded, collect=collect))
 
 
 @dataclass
@@ -170,7 +174,7 @@ def score_methods(
     results = {}
     for name, method in methods.items():
         start = time.perf_counter()
-        scores = score_features(method, train, test)
+        scores = score_sharded(functools.partial(score_features, method, train), test)
         seconds = time.perf_counter() - start
         metrics = evaluate(scores, train_labels, test_labels)
         log.info("scored %s in %.2f s", name, seconds)
@@ -188,7 +192,9 @@ def write_scores(run: Path, result: MethodResult, train_ids: Sequence[str], test
         "test_ids": json.dumps(list(test_ids)),
         "settings": json.dumps(result.settings),
     }
-    write_bytes_atomic(path, save({"scores": result.scores.contiguous()}, metadata=metadata))
+    distributed.on_main(
+        write_bytes_atomic, path, save({"scores": result.scores.contiguous()}, metadata=metadata)
+    )
     return path
 
 
@@ -253,7 +259,7 @@ def attribute_explained(
     results = score_methods(methods, features["train"], features["test"], task)
     # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
     ihvp: dict[str, dict[str, dict[str, float]]] = {}
-    if "exact" in methods:
+    if "exact" in methods and distributed.is_main():  # only rank 0 writes the record it feeds
         compared = compare_ihvp(
             features["train"].blocks,
             features["test"].blocks,
@@ -304,5 +310,5 @@ def attribute_explained(
             "versions": package_versions(),
         }
     )
-    write_json_atomic(path, record)
+    distributed.on_main(write_json_atomic, path, record)
     return record

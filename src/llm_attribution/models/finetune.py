@@ -7,6 +7,7 @@ and settings give bit-identical adapters on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .. import distributed
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from ..errors import UserError
@@ -27,6 +29,8 @@ from ..progress import ProgressBar
 from ..run_layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from ..settings import option, require, require_positive
 from ..storage import atomic_dir, write_bytes_atomic
+from .data_parallel import DataParallelSteps
+from .device import autocast
 from .lora import lora_parameters
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,8 @@ def finetune(
     The LoRA initialisation must already be seeded by the caller. After every epoch the optimizer,
     schedule, shuffling and dropout random states are saved too (``train_state.pt``), so that a run killed
     mid-way resumes from its last finished epoch (:func:`resume_state`) and ends with the adapter an
-    uninterrupted run would have produced.
+    uninterrupted run would have produced. Under ``torchrun`` each rank trains on a slice of every batch
+    (:mod:`.data_parallel`) and rank 0 saves.
     """
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -111,20 +116,30 @@ def finetune(
         first = state["epoch"] + 1
         log.info("resuming fine-tuning after epoch %d", state["epoch"])
     model.train()
-    with ProgressBar(total, "fine-tuning") as bar:
+    parallel = DataParallelSteps(model, params, pad_id) if distributed.active() else None
+
+    def backward(rows: list[int]) -> torch.Tensor:
+        """The batch's mean token loss, its gradient left in the LoRA parameters' ``.grad``."""
+        if parallel is not None:
+            return parallel.backward([encoded[i] for i in rows])
+        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
+        with autocast(model):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss
+
+    with ProgressBar(total, "fine-tuning") as bar, parallel or contextlib.nullcontext():
         bar.update((first - 1) * steps_per_epoch)
         for epoch in range(first, settings.epochs + 1):
             start, losses = time.perf_counter(), []
             for rows in _batches(len(encoded), settings.batch_size, generator):
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
+                loss = backward(rows)
+                if not torch.isfinite(loss):  # the same loss on every rank: all stop here together
                     ids = ", ".join(train[i].id for i in rows[:5])
                     raise UserError(
                         f"non-finite training loss in epoch {epoch} on examples {ids}; lower --learning-rate"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
@@ -134,9 +149,11 @@ def finetune(
             curve.steps.extend(losses)
             curve.epochs.append(sum(losses) / len(losses))
             curve.seconds_per_epoch.append(time.perf_counter() - start)
-            with atomic_dir(adapter_dir(run, epoch)) as tmp:
-                model.save_pretrained(str(tmp))
-            _save_state(run, epoch, optimizer, scheduler, generator, curve)
+            with distributed.agree():
+                if distributed.is_main():
+                    with atomic_dir(adapter_dir(run, epoch)) as tmp:
+                        model.save_pretrained(str(tmp))
+                    _save_state(run, epoch, optimizer, scheduler, generator, curve)
             log.info(
                 "epoch %d: mean loss %.4f (%.1f s)", epoch, curve.epochs[-1], curve.seconds_per_epoch[-1]
             )
