@@ -4,10 +4,10 @@ Tolerances: the two runs do the same arithmetic in a different order. Each rank 
 gradient contributions and the two partial sums are then added; features of a slice are computed in
 other batches; scoring runs on slices of the test rows. Float32 rounding (eps 1.2e-7) in a different
 order gives differences of a few ulps, which two epochs of AdamW carry into the weights (7e-9 seen, on
-weights of size ~0.1) and scoring into the scores (relative Frobenius error below 5e-7 seen). The bounds
+weights of size ~0.1) and scoring into the scores (relative Frobenius error below 1e-6 seen). The bounds
 below leave room for other CPUs and BLAS builds, and stay far below what a real mistake gives: a
-dropout mask drawn per rank, a gradient averaged per rank or a missing all-reduce moves the adapters by
-1e-3 or more after one step.
+dropout mask drawn per rank (tried: 1.5e-3), a gradient averaged per rank or a missing all-reduce moves
+the adapters by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from llm_attribution.cli import main
 from tests.helpers import tiny_run_args
 
 METHODS = ("hessian-free", "datainf", "lissa", "exact", "repsim")
-# 30 examples in batches of 8: the last batch of each epoch (6 rows) splits 3 + 3; the gradient shards
-# split 30 rows 15 + 15 and the 5 test rows 3 + 2 (uneven shares on purpose).
-RUN = [*tiny_run_args(train=30, test=5, epochs=2), "--methods", ",".join(METHODS)]
+# 25 examples in batches of 8: the last batch of each epoch has 1 row, so rank 1 has an empty share
+# (it must still draw the dropout masks); the gradient shards split 13 + 12, the 5 test rows 3 + 2.
+RUN = [*tiny_run_args(train=25, test=5, epochs=2), "--methods", ",".join(METHODS)]
 WEIGHT_ATOL = 1e-6
 SCORE_RTOL = 1e-5
 
@@ -74,7 +74,7 @@ def test_two_processes_give_the_same_scores(runs) -> None:
     for method in METHODS:
         a = load_file(one / "scores" / f"{method}.safetensors")["scores"]
         b = load_file(two / "scores" / f"{method}.safetensors")["scores"]
-        assert a.shape == b.shape == (5, 30)
+        assert a.shape == b.shape == (5, 25)
         assert float((a - b).norm() / a.norm()) < SCORE_RTOL, method
         # tie-proof ranking check: the 2-process top example scores the maximum in the 1-process matrix
         top = b.argmax(dim=1)
