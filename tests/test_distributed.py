@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,13 +46,31 @@ def test_bad_timeout_is_a_user_error(monkeypatch) -> None:
 
 
 def test_two_gloo_processes_split_gather_and_agree_on_errors() -> None:
+    # a failed check in a worker fails the test; a broken agreement times out (60 s) instead of hanging
+    mp.spawn(_worker, args=(_free_port(), "60", _checks), nprocs=2, join=True)
+
+
+def test_a_rank_that_never_arrives_is_a_one_line_error_not_a_hang() -> None:
+    mp.spawn(_worker, args=(_free_port(), "3", _absent), nprocs=2, join=True)
+
+
+def _absent(rank: int) -> None:
+    if rank == 1:
+        time.sleep(6)  # never joins the collective below
+        return
+    start = time.perf_counter()
+    with pytest.raises(RunError, match=r"another process is stuck or gone.*LLM_ATTR_DIST_TIMEOUT, now 3 s"):
+        distributed.all_reduce_sum(torch.ones(1))
+    assert time.perf_counter() - start < 5.5
+
+
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port,), nprocs=2, join=True)  # a failed check in a worker fails the test
+        return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, timeout: str, checks: Callable[[int], None]) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -58,12 +78,12 @@ def _worker(rank: int, port: int) -> None:
             "WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            distributed.TIMEOUT_ENV: "60",  # a broken agreement fails the test instead of hanging it
+            distributed.TIMEOUT_ENV: timeout,
         }
     )
     assert distributed.init_from_env(use_cuda=False)
     try:
-        _checks(rank)
+        checks(rank)
     finally:
         distributed.shutdown()
 
@@ -113,12 +133,35 @@ def _checks(rank: int) -> None:
         assert rank == 0 and str(exc).startswith("rank 1 failed with KeyError")
     except KeyError:
         assert rank == 1
+    _check_sharded_features()
     # on_main runs on rank 0 only, and every rank hears when it fails
     written: list[str] = []
     distributed.on_main(written.append, "once")
     assert written == (["once"] if rank == 0 else [])
     with pytest.raises((OSError, distributed.PeerFailed)):
         distributed.on_main(_fail_to_write)
+
+
+def _check_sharded_features() -> None:
+    """Features and scores split over the ranks come back whole and in order, also with an empty share."""
+    from llm_attribution.data.schema import Example
+    from llm_attribution.features.gradients import Features
+    from llm_attribution.features.sharded import collect_sharded, score_sharded
+
+    def collect(examples) -> Features:  # a feature that says which example and which block it belongs to
+        index = torch.tensor([float(e.prompt) for e in examples])
+        blocks = {"b": index[:, None] * torch.tensor([1.0, 2.0]), "a": index[:, None] * 3}
+        return Features([e.id for e in examples], blocks, index[:, None] + 0.5, index / 10)
+
+    for n in (1, 3):  # 1 example: rank 1 has none
+        examples = [Example(f"e{i}", str(i), "r", "l") for i in range(n)]
+        gathered, expected = collect_sharded(examples, collect), collect(examples)
+        assert gathered.ids == expected.ids and list(gathered.blocks) == ["b", "a"]
+        assert all(torch.equal(gathered.blocks[k], expected.blocks[k]) for k in expected.blocks)
+        assert torch.equal(gathered.representations, expected.representations)
+        assert torch.equal(gathered.losses, expected.losses)
+        scores = score_sharded(lambda test: test.blocks["a"] @ torch.ones(1, 4), expected)
+        assert torch.equal(scores, expected.blocks["a"] @ torch.ones(1, 4))
 
 
 def _fail_to_write() -> None:

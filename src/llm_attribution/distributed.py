@@ -132,6 +132,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _exchange(what: str) -> Iterator[None]:
+    """A failed collective (gloo and NCCL raise RuntimeError on a timeout or a lost peer) as one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(
+            f"rank {rank()}: the processes could not {what} ({first}); another process is stuck or gone "
+            f"(each wait is bounded by {TIMEOUT_ENV}, now {timeout().total_seconds():.0f} s)"
+        ) from None
+
+
 def my_rows(n: int) -> slice:
     """This rank's contiguous share of ``range(n)``: shares differ by at most one row, rank order."""
     size, me = world_size(), rank()
@@ -159,7 +172,8 @@ def agree() -> Iterator[None]:
     except Exception as exc:
         error = exc
     failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-    dist.all_reduce(failed)
+    with _exchange("agree on the outcome of a stage"):
+        dist.all_reduce(failed)
     if int(failed) == 0:
         return
     described = None if error is None else (type(error).__name__, str(error), isinstance(error, UserError))
@@ -183,14 +197,16 @@ def on_main(write: Callable[..., object], *args: Any) -> None:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks, in place (every rank ends with the same bytes); returned for chaining."""
     if active():
-        dist.all_reduce(tensor)
+        with _exchange("sum a tensor"):
+            dist.all_reduce(tensor)
     return tensor
 
 
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """Overwrite ``tensor`` with rank 0's, in place; returned for chaining."""
     if active():
-        dist.broadcast(tensor, src=0)
+        with _exchange("broadcast a tensor"):
+            dist.broadcast(tensor, src=0)
     return tensor
 
 
@@ -207,14 +223,16 @@ def all_gather_rows(local: torch.Tensor | None) -> torch.Tensor:
     meta = torch.zeros(size + 1, dtype=torch.int64)
     if local is not None:
         meta[me], meta[size] = local.shape[0], local.shape[1]
-    dist.all_reduce(meta, op=dist.ReduceOp.MAX)
+    with _exchange("gather rows"):
+        dist.all_reduce(meta, op=dist.ReduceOp.MAX)
     counts, width = meta[:size].tolist(), int(meta[size])
     longest = max(counts)
     padded = torch.zeros(longest, width, dtype=torch.float32)
     if local is not None:
         padded[: local.shape[0]] = local.to(torch.float32)
     received = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(received, padded)
+    with _exchange("gather rows"):
+        dist.all_gather(received, padded)
     return torch.cat([part[:count] for part, count in zip(received, counts, strict=True)])
 
 
@@ -223,7 +241,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
+    with _exchange("gather objects"):
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -232,7 +251,8 @@ def broadcast_object(obj: Any) -> Any:
     if not active():
         return obj
     box = [obj if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    with _exchange("broadcast an object"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
