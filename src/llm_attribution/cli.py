@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, distributed
 from .cli_options import add_options
 from .commands import (
     SCORE_CONVENTION,
@@ -49,7 +49,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line (not usage + message) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        if distributed.requested_rank() == 0:  # under torchrun every rank parses; one line is enough
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -378,8 +379,10 @@ def _show_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(args: argparse.Namespace, main_rank: bool) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    if not main_rank:
+        level = logging.ERROR  # under torchrun only rank 0 logs
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("llm_attribution")
@@ -394,25 +397,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llm-attr``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_quiet(args.quiet)
-    _configure_logging(args)
-    _quiet_third_party()
+    main_rank = distributed.requested_rank() == 0
+    set_quiet(args.quiet or not main_rank)
+    _configure_logging(args, main_rank)
+    _quiet_third_party(main_rank)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        with distributed.launched(args.command, getattr(args, "device", "auto")):
+            return handler(args)
     except UserError as exc:
-        sys.stderr.write(f"llm-attr {args.command}: error: {exc}\n")
+        if main_rank:  # under torchrun every failure reaches rank 0 (distributed.agree)
+            sys.stderr.write(f"llm-attr {args.command}: error: {exc}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("llm-attr: interrupted\n")
         return 130
 
 
-def _quiet_third_party() -> None:
+def _quiet_third_party(main_rank: bool) -> None:
     import os
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not main_rank:
+        warnings.simplefilter("ignore")  # rank 0 shows the warnings; the other ranks would repeat them
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", module="peft")
     from transformers.utils import logging as hf_logging

@@ -6,6 +6,7 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import typing
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 if typing.TYPE_CHECKING:
     from .pipeline import Explained
 
+from . import distributed
 from .attribution.base import (
     GRADIENT,
     AttributionMethod,
@@ -37,6 +39,7 @@ from .diagnostics.ihvp import compare_ihvp, inner_product_methods, summarize
 from .errors import ConfigError
 from .evaluation.metrics import Metrics, evaluate
 from .features.gradients import Features, GradientSettings, collect_features
+from .features.sharded import collect_sharded, score_sharded
 from .features.store import FeatureStore, file_sha256
 from .models.settings import ModelSettings
 from .pause import pause_point
@@ -142,10 +145,11 @@ def collect_split(
 ) -> Features:
     """Features of one split, from the store when they were computed with the same fingerprint."""
     store = FeatureStore(run, split, split_fingerprint(identity, prompt, examples), shard_size=shard_size)
-    return store.compute(
-        examples,
-        lambda chunk: collect_features(model, tokenizer, chunk, prompt, gradients, desc=f"{split} features"),
+    collect = functools.partial(
+        collect_features, model, tokenizer, prompt=prompt, settings=gradients, desc=f"{split} features"
     )
+    # under torchrun each rank computes a slice of every shard (collect_sharded); rank 0 stores it
+    return store.compute(examples, functools.partial(collect_sharded, collect=collect))
 
 
 def split_fingerprint(
@@ -186,7 +190,7 @@ def score_methods(
     results = {}
     for name, method in methods.items():
         start = time.perf_counter()
-        scores = score_features(method, train, test)
+        scores = score_sharded(functools.partial(score_features, method, train), test)
         seconds = time.perf_counter() - start
         metrics = evaluate(scores, train_labels, test_labels)
         log.info("scored %s in %.2f s", name, seconds)
@@ -303,14 +307,23 @@ def attribute_explained(
     for name, method in methods.items():
         hit = cached[name]
         if hit is None:
-            scores, seconds = _score_resumably(store, keys[name], method, features, settings)
+            if distributed.active():  # each rank scores a slice of the test rows; rank 0 keeps them
+                start = time.perf_counter()
+                train = features["train"]
+                scores = score_sharded(functools.partial(score_features, method, train), features["test"])
+                seconds = time.perf_counter() - start
+            else:
+                scores, seconds = _score_resumably(store, keys[name], method, features, settings)
             log.info("scored %s in %.2f s", name, seconds)
             pause_point("scores-method")
-            store.put(name, keys[name], scores, seconds, to_dict(method.settings), train_ids, test_ids)
+            if distributed.is_main():
+                store.put(name, keys[name], scores, seconds, to_dict(method.settings), train_ids, test_ids)
         else:
             scores, seconds = hit
         metrics = evaluate(scores, train_labels, test_labels)
         results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
+    if ihvp is None and not distributed.is_main():
+        ihvp = {}  # only rank 0 writes the record this feeds
     if ihvp is None:
         # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
         per_block = compare_ihvp(
@@ -364,5 +377,5 @@ def attribute_explained(
             "versions": package_versions(),
         }
     )
-    write_json_atomic(path, record)
+    distributed.on_main(write_json_atomic, path, record)
     return record

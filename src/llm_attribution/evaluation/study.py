@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..data.loaders import load_task
 from ..features.gradients import GradientSettings
 from ..pipeline import FinetuneConfig, finetune_run, select_epoch
@@ -104,7 +105,7 @@ def run_study(
         "missing_cells": missing,
         "versions": package_versions(),
     }
-    write_json_atomic(out / STUDY_FILE, record)
+    distributed.on_main(write_json_atomic, out / STUDY_FILE, record)
     return record
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
+from .. import distributed
 from ..data.schema import Example
 from ..errors import RunError
 from ..pause import pause_point
@@ -105,17 +106,20 @@ class FeatureStore:
             # here: scores sum over blocks, and a different order would round differently.
             metadata = {"ids": json.dumps(features.ids), "blocks": json.dumps(list(features.blocks))}
             data = save(_to_tensors(features), metadata=metadata)
-            write_bytes_atomic(self.folder / name, data)
             manifest["shards"][name] = {
                 "rows": [start, start + len(chunk)],
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
-            write_json_atomic(self.manifest_path, manifest)
+            distributed.on_main(self._write_shard, name, data, manifest)  # under torchrun: rank 0 writes
             log.info(
                 "%s: stored examples %d-%d of %d", self.folder.name, start, start + len(chunk), len(examples)
             )
             parts.append(features)
         return _concat(parts)
+
+    def _write_shard(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
+        write_bytes_atomic(self.folder / name, data)
+        write_json_atomic(self.manifest_path, manifest)
 
     def load(self, examples: Sequence[Example]) -> Features:
         """Every stored shard of a complete split, checked against the manifest's checksums."""

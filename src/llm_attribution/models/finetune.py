@@ -7,6 +7,7 @@ and settings give bit-identical adapters on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .. import distributed
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from ..errors import UserError
@@ -28,6 +30,8 @@ from ..progress import ProgressBar
 from ..run_layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from ..settings import option, require, require_positive
 from ..storage import atomic_dir, write_bytes_atomic
+from .data_parallel import DataParallelSteps
+from .device import autocast
 from .lora import lora_parameters
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ def finetune(
     optimizer, schedule, shuffling and dropout random states) is saved to ``train_state.pt`` after every
     epoch and, mid-epoch, at most every ``settings.checkpoint_minutes``; a run killed at any point resumes
     from its last saved step (:func:`resume_state`) and ends with the adapters an uninterrupted run saves.
+    Under ``torchrun`` each rank trains on a slice of every batch (:mod:`.data_parallel`) and rank 0 saves.
     """
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -128,7 +133,33 @@ def finetune(
     model.train()
     every = settings.checkpoint_minutes * 60.0
     last_save = time.monotonic()
-    with ProgressBar(total, "fine-tuning") as bar:
+    parallel = DataParallelSteps(model, params, pad_id) if distributed.active() else None
+
+    def backward(rows: list[int]) -> torch.Tensor:
+        """The batch's mean token loss, its gradient left in the LoRA parameters' ``.grad``."""
+        if parallel is not None:
+            loss = parallel.backward([encoded[i] for i in rows])
+            if not torch.isfinite(loss):  # the same loss on every rank: all stop here together
+                ids = ", ".join(train[i].id for i in rows[:5])
+                raise UserError(
+                    f"non-finite training loss in epoch {epoch} in the batch of example(s) {ids}; "
+                    "lower --learning-rate, or check those examples and the model's weights"
+                )
+            return loss
+        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
+        with autocast(model):
+            out = model(**batch)
+        if not torch.isfinite(out.loss):
+            ids = ", ".join(train[rows[r]].id for r in _non_finite_rows(out.logits, batch)[:5])
+            raise UserError(
+                f"non-finite training loss in epoch {epoch} on example(s) {ids}; "
+                "lower --learning-rate, or check those examples and the model's weights"
+            )
+        out.loss.backward()
+        return out.loss
+
+    with ProgressBar(total, "fine-tuning") as bar, parallel or contextlib.nullcontext():
         bar.update((first - 1) * steps_per_epoch + done)
         for epoch in range(first, settings.epochs + 1):
             at_start = generator.get_state()  # redraws this epoch's order when resuming mid-epoch
@@ -138,17 +169,7 @@ def finetune(
             start = time.perf_counter() - (partial_seconds if skip else 0.0)
             for step in range(skip, len(batches)):
                 rows = batches[step]
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
-                out = model(**batch)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    ids = ", ".join(train[rows[r]].id for r in _non_finite_rows(out.logits, batch)[:5])
-                    raise UserError(
-                        f"non-finite training loss in epoch {epoch} on example(s) {ids}; "
-                        "lower --learning-rate, or check those examples and the model's weights"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = backward(rows)
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 try:
@@ -164,20 +185,29 @@ def finetune(
                 losses.append(loss.item())
                 bar.update(1, epoch=epoch, loss=f"{losses[-1]:.3f}")
                 pause_point("finetune-step")
-                if step + 1 < len(batches) and time.monotonic() - last_save >= every:
-                    elapsed = time.perf_counter() - start
-                    mid = _state(model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start)
-                    _save_state(run, mid | {"epoch_step_loss": list(losses), "epoch_seconds": elapsed})
+                due = step + 1 < len(batches) and time.monotonic() - last_save >= every
+                if distributed.active():  # clocks differ between ranks: rank 0 decides for all
+                    due = bool(distributed.broadcast_object(due))
+                if due:
+                    if distributed.is_main():
+                        elapsed = time.perf_counter() - start
+                        mid = _state(
+                            model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
+                        )
+                        _save_state(run, mid | {"epoch_step_loss": list(losses), "epoch_seconds": elapsed})
                     last_save = time.monotonic()
             curve.steps.extend(losses)
             curve.epochs.append(sum(losses) / len(losses))
             curve.seconds_per_epoch.append(time.perf_counter() - start)
-            with atomic_dir(adapter_dir(run, epoch)) as tmp:
-                model.save_pretrained(str(tmp))
-            # Written after the epoch's adapter: a state file always refers to adapters that exist.
-            _save_state(
-                run, _state(model, optimizer, scheduler, curve, device, epoch, 0, generator.get_state())
-            )
+            with distributed.agree():
+                if distributed.is_main():
+                    with atomic_dir(adapter_dir(run, epoch)) as tmp:
+                        model.save_pretrained(str(tmp))
+                    # Written after the epoch's adapter: a state file always refers to adapters that exist.
+                    _save_state(
+                        run,
+                        _state(model, optimizer, scheduler, curve, device, epoch, 0, generator.get_state()),
+                    )
             last_save = time.monotonic()
             log.info(
                 "epoch %d: mean loss %.4f (%.1f s)", epoch, curve.epochs[-1], curve.seconds_per_epoch[-1]

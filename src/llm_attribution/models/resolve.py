@@ -96,12 +96,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 
 def _load_pretrained(
-    spec: str, dtype: torch.dtype, local: bool
+    spec: str, dtype: torch.dtype, local: bool, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     offline = not local and not hub_reachable()
+    # On a GPU the weights go straight to it: a 7B model per rank would not fit in host memory several times.
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=offline, **placement)
     except Exception as exc:
         if offline:
             raise ModelError(
@@ -139,14 +141,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             model, tokenizer = _load_gguf(path, dtype)
             source = f"gguf:{path.resolve()}"
         elif path.is_dir():
-            model, tokenizer = _load_pretrained(str(path), dtype, local=True)
+            model, tokenizer = _load_pretrained(str(path), dtype, local=True, device=device)
             source = f"folder:{path.resolve()}"
         elif path.exists():
             raise ModelError(
                 f"--model {spec} is a file but not a .gguf file; pass a model folder or a .gguf file"
             )
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-            model, tokenizer = _load_pretrained(spec, dtype, local=False)
+            model, tokenizer = _load_pretrained(spec, dtype, local=False, device=device)
             source = f"hub:{spec}"
         else:
             raise ModelError(
