@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, distributed
 from .cli_options import add_options
 from .commands import (
     SCORE_CONVENTION,
     cmd_attribute,
     cmd_diagnose_convergence,
+    cmd_diagnose_ihvp,
     cmd_diagnose_parameters,
     cmd_diagnose_spectrum,
     cmd_evaluate,
@@ -30,6 +32,7 @@ from .commands import (
 )
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
+from .diagnostics.ihvp import SWEPT_METHODS
 from .errors import UserError
 from .evaluation.score_files import FORMATS
 from .evaluation.study import StudySettings
@@ -46,7 +49,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line (not usage + message) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        if distributed.requested_rank() == 0:  # under torchrun every rank parses; one line is enough
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -193,7 +197,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
     )
     spec.add_argument(
-        "--damping-scale", type=float, default=0.1, help="damping = scale x mean squared gradient"
+        "--damping-scale",
+        type=_positive_float,
+        default=0.1,
+        help="damping = scale x mean squared gradient (> 0)",
+    )
+
+    ihvp = _command(
+        diag_sub,
+        cmd_diagnose_ihvp,
+        "ihvp",
+        help="iHVP error of DataInf and LiSSA against exact, and rank agreement, swept over damping",
+        description="At each damping scale: per LoRA block, the relative error of DataInf's and LiSSA's "
+        "inverse-Fisher products against exact (same damping), and the mean Spearman correlation over test "
+        "examples of each method's scores with Hessian-free's and with exact's. " + SCORE_CONVENTION,
+    )
+    ihvp.add_argument("--run", required=True, help="a run folder")
+    ihvp.add_argument(
+        "--epoch", type=_positive_int, default=None, help="the adapter of this epoch (default: last)"
+    )
+    ihvp.add_argument(
+        "--damping-scales",
+        type=_positive_floats,
+        default=(1e-3, 1e-2, 1e-1, 1.0, 10.0),
+        help="comma-separated positive scales; damping = scale x mean squared gradient, per block "
+        "(default: 0.001,0.01,0.1,1,10)",
+    )
+    ihvp.add_argument(
+        "--methods",
+        type=_sweep_methods,
+        default=SWEPT_METHODS,
+        help="approximations compared with exact: datainf, lissa, lissa-study (default: datainf,lissa)",
+    )
+    ihvp.add_argument(
+        "--method-options",
+        default="",
+        help="comma-separated method.option=value besides the damping, e.g. lissa.depth=500",
+    )
+    ihvp.add_argument(
+        "--max-test", type=_positive_int, default=20, help="test gradients per block for the iHVP error"
     )
 
     conv = _command(
@@ -291,6 +333,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    values = tuple(_positive_float(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
+
+
+def _sweep_methods(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(names) - {"datainf", "lissa", "lissa-study"})
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"the sweep compares datainf, lissa or lissa-study with exact; got {text!r}"
+        )
+    return names
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     try:
@@ -310,8 +379,10 @@ def _show_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(args: argparse.Namespace, main_rank: bool) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    if not main_rank:
+        level = logging.ERROR  # under torchrun only rank 0 logs
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("llm_attribution")
@@ -326,25 +397,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llm-attr``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_quiet(args.quiet)
-    _configure_logging(args)
-    _quiet_third_party()
+    main_rank = distributed.requested_rank() == 0
+    set_quiet(args.quiet or not main_rank)
+    _configure_logging(args, main_rank)
+    _quiet_third_party(main_rank)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        with distributed.launched(args.command, getattr(args, "device", "auto")):
+            return handler(args)
     except UserError as exc:
-        sys.stderr.write(f"llm-attr {args.command}: error: {exc}\n")
+        if main_rank:  # under torchrun every failure reaches rank 0 (distributed.agree)
+            sys.stderr.write(f"llm-attr {args.command}: error: {exc}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("llm-attr: interrupted\n")
         return 130
 
 
-def _quiet_third_party() -> None:
+def _quiet_third_party(main_rank: bool) -> None:
     import os
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not main_rank:
+        warnings.simplefilter("ignore")  # rank 0 shows the warnings; the other ranks would repeat them
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", module="peft")
     from transformers.utils import logging as hf_logging

@@ -6,8 +6,11 @@ Scores everywhere follow one convention: HIGHER = the training example supports 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from .cli_options import from_args
 from .data.settings import DataSettings
 from .data.templates import PromptSettings
 from .diagnostics.convergence import convergence
+from .diagnostics.ihvp import damping_sweep
 from .diagnostics.parameters import parameters_vs_behaviour
 from .diagnostics.spectrum import spectra, summarize_spectra
 from .errors import UserError
@@ -26,7 +30,7 @@ from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
 from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
 from .report.build import build_report, write_report
-from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained
+from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained, parse_method_options
 from .storage import write_json_atomic
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
@@ -67,8 +71,26 @@ def _one_line(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
+@contextlib.contextmanager
+def _removed_on_user_error(folder: Path) -> Iterator[None]:
+    """Delete ``folder`` when this command created it and then failed on the user's input (a NaN loss, say).
+
+    Such a run cannot be resumed (the same settings fail the same way; other settings need a new folder),
+    so it would only be partial output. A folder that existed before is left as it was found; a crash or
+    kill (not a user error) keeps everything, for resuming.
+    """
+    created = not folder.exists()
+    try:
+        yield
+    except UserError:
+        if created and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    report = finetune_run(_finetune_config(args), Path(args.out), show=args.show)
+    with _removed_on_user_error(Path(args.out)):
+        report = finetune_run(_finetune_config(args), Path(args.out), show=args.show)
     _print_finetune(report)
     return 0
 
@@ -93,14 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     attribute = from_args(AttributeSettings, args)
     gradients = from_args(GradientSettings, args)
     run = Path(args.out)
-    if args.adapter:
-        explained = explain_adapter(config, run, Path(args.adapter))
-    else:
-        report = finetune_run(config, run, show=args.show)
-        _print_finetune(report)
-        explained = report.explained
-    explained = select_epoch(explained, attribute.epoch)
-    record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+    with _removed_on_user_error(run):
+        if args.adapter:
+            explained = explain_adapter(config, run, Path(args.adapter))
+        else:
+            report = finetune_run(config, run, show=args.show)
+            _print_finetune(report)
+            explained = report.explained
+        explained = select_epoch(explained, attribute.epoch)
+        record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
     _print_methods(record)
     print(f"results: {run / RESULTS_FILE}")
     return 0
@@ -170,6 +193,45 @@ def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
         "median over blocks: " + ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in summary.items())
     )
     print(f"spectrum: {run / 'diagnostics' / 'spectrum.json'}")
+    return 0
+
+
+def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    items = [item.strip() for item in args.method_options.split(",") if item.strip()]
+    options = parse_method_options(args.methods, items)
+    train, test = collect(run, epoch=args.epoch)
+    points = damping_sweep(
+        train.blocks, test.blocks, args.damping_scales, args.methods, options, max_test=args.max_test
+    )
+    record = {
+        "epoch": args.epoch,
+        "methods": list(args.methods),
+        "method_options": options,
+        "max_test": args.max_test,
+        "points": [dataclasses.asdict(p) for p in points],
+    }
+    write_json_atomic(run / "diagnostics" / "ihvp.json", record)
+    names = list(args.methods)
+    print(
+        f"{'damping':>8}  "
+        + "  ".join(f"{n + ' err':>14}" for n in names)
+        + "  "
+        + "  ".join(f"{n + ' rho(HF)':>16}" for n in [*names, "exact"])
+        + "  "
+        + "  ".join(f"{n + ' rho(exact)':>19}" for n in names)
+    )
+    for p in points:
+        print(
+            f"{p.damping_scale:>8.3g}  "
+            + "  ".join(f"{p.relative_error[n]:>14.3g}" for n in names)
+            + "  "
+            + "  ".join(f"{p.rank_correlation_vs_hessian_free[n]:>16.3f}" for n in [*names, "exact"])
+            + "  "
+            + "  ".join(f"{p.rank_correlation_vs_exact[n]:>19.3f}" for n in names)
+        )
+    print("err: median over blocks of ||approx - exact|| / ||exact||; rho: mean Spearman over test examples")
+    print(f"ihvp: {run / 'diagnostics' / 'ihvp.json'}")
     return 0
 
 

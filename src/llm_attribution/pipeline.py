@@ -19,6 +19,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .data.loaders import load_task
 from .data.schema import Example, TaskData, data_fingerprint
 from .data.settings import DataSettings
@@ -33,7 +34,7 @@ from .models.settings import LoraSettings, ModelSettings
 from .run_layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
 from .scoring import adapter_fingerprint
 from .settings import from_dict, to_dict
-from .storage import read_json, write_json_atomic
+from .storage import read_json, remove_stale_temporaries, write_json_atomic
 from .versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,22 @@ def check_run_dir(run: Path, settings: dict[str, Any]) -> bool:
 
 
 def _start_run(run: Path, settings: dict[str, Any], model: ModelSettings) -> tuple[bool, LoadedModel]:
-    existed = check_run_dir(run, settings)
-    loaded = load_model(model)  # before anything is written: a bad model leaves no folder behind
-    if not existed:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / SETTINGS_FILE, settings)
+    # Under torchrun every rank checks the folder before rank 0 writes into it, so all decide alike.
+    with distributed.agree():
+        existed = check_run_dir(run, settings)
+        loaded = load_model(model)  # before anything is written: a bad model leaves no folder behind
+    with distributed.agree():
+        if existed and distributed.is_main() and (removed := remove_stale_temporaries(run)):
+            log.info("%s: removed %d half-written file(s) of an interrupted run", run, removed)
+        if not existed and distributed.is_main():
+            run.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run / SETTINGS_FILE, settings)
+    with distributed.agree():
+        if not (run / SETTINGS_FILE).is_file():
+            raise RunError(
+                f"rank {distributed.rank()} does not see {run / SETTINGS_FILE}: with several nodes, the run "
+                "folder must be on a file system that every node shares"
+            )
     return existed, loaded
 
 
@@ -147,9 +159,10 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
     ``show`` > 0 generates greedy answers for that many test prompts before and after fine-tuning.
     A run folder that already holds every epoch with the same settings is reused, not retrained.
     """
-    task = load_task(config.data)
+    with distributed.agree():
+        task = load_task(config.data)
     existed, loaded = _start_run(run, run_settings(config, task), config.model)
-    examples = _spread(task.test, show)
+    examples = _spread(task.test, show if distributed.is_main() else 0)
     before = _answers(loaded.model, loaded.tokenizer, examples, config.prompt)
     last = config.train.epochs
     if existed and saved_epochs(run) == list(range(1, last + 1)) and (run / FINETUNE_FILE).is_file():
@@ -159,22 +172,26 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
         model = load_adapter(loaded.model, adapter_dir(run, last))
         reused = True
     else:
-        write_json_atomic(run / DATA_FILE, _data_record(task))
+        if distributed.is_main():
+            write_json_atomic(run / DATA_FILE, _data_record(task))
         torch.manual_seed(config.train.seed)  # seeds the LoRA A initialisation
         model = attach_lora(loaded.model, config.lora)
         start = time.perf_counter()
         curve = finetune(model, loaded.tokenizer, task.train, config.prompt, config.train, run)
-        write_json_atomic(
-            run / FINETUNE_FILE,
-            {
-                "loss": curve.to_dict(),
-                "seconds": time.perf_counter() - start,
-                "n_train": len(task.train),
-                "device": str(loaded.device),
-                "model_source": loaded.source,
-                "versions": package_versions(),
-            },
-        )
+        with distributed.agree():
+            if distributed.is_main():
+                write_json_atomic(
+                    run / FINETUNE_FILE,
+                    {
+                        "loss": curve.to_dict(),
+                        "seconds": time.perf_counter() - start,
+                        "n_train": len(task.train),
+                        "device": str(loaded.device),
+                        "processes": distributed.world_size(),
+                        "model_source": loaded.source,
+                        "versions": package_versions(),
+                    },
+                )
         reused = False
     after = _answers(model, loaded.tokenizer, examples, config.prompt)
     explained = Explained(run, config, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
@@ -183,15 +200,24 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
 
 def explain_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> Explained:
     """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning."""
-    task = load_task(config.data)
-    _, loaded = _start_run(run, run_settings(config, task, adapter), config.model)
-    write_json_atomic(run / DATA_FILE, _data_record(task))
-    model = load_adapter(loaded.model, adapter)
+    with distributed.agree():
+        task = load_task(config.data)
+        settings = run_settings(config, task, adapter)
+    _, loaded = _start_run(run, settings, config.model)
+    if distributed.is_main():
+        write_json_atomic(run / DATA_FILE, _data_record(task))
+    with distributed.agree():
+        model = load_adapter(loaded.model, adapter)
     return Explained(run, config, task, model, loaded.tokenizer, loaded, adapter, None)
 
 
 def open_run(run: Path, epoch: int | None = None) -> Explained:
     """Reload a finished run: its task, base model and the adapter of ``epoch`` (default: the last)."""
+    with distributed.agree():  # under torchrun a rank that cannot load the model stops them all
+        return _open_run(run, epoch)
+
+
+def _open_run(run: Path, epoch: int | None) -> Explained:
     if not (run / SETTINGS_FILE).is_file():
         raise RunError(f"{run} is not a run folder (no {SETTINGS_FILE}); create one with `llm-attr run`")
     settings = read_json(run / SETTINGS_FILE)

@@ -19,9 +19,24 @@ from .errors import ConfigError
 S = TypeVar("S")
 
 
-def option(default: Any, help: str, choices: Sequence[str] | None = None, flag: str | None = None) -> Any:
-    """A dataclass field that is also a CLI option (``--field-name`` unless ``flag`` is given)."""
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+def option(
+    default: Any,
+    help: str,
+    choices: Sequence[str] | None = None,
+    flag: str | None = None,
+    recorded: bool = True,
+) -> Any:
+    """A dataclass field that is also a CLI option (``--field-name`` unless ``flag`` is given).
+
+    ``recorded=False`` marks a field that cannot change any result (how often to checkpoint, say): it is
+    left out of :func:`to_dict`, so a run folder neither records it nor refuses a rerun that changes it.
+    """
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "flag": flag,
+        "recorded": recorded,
+    }
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in settings; use a tuple")
     return dataclasses.field(default=default, metadata=metadata)
@@ -62,10 +77,11 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
-    """JSON-ready dict of a settings dataclass (tuples become lists)."""
+    """JSON-ready dict of a settings dataclass (tuples become lists), without unrecorded fields."""
     return {
         f.name: list(v) if isinstance(v := getattr(settings, f.name), tuple) else v
         for f in dataclasses.fields(settings)
+        if f.metadata.get("recorded", True)
     }
 
 

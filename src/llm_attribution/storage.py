@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import RunError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # some file systems do not allow opening folders
@@ -54,7 +56,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """The JSON in ``path``; a damaged file (ours are written atomically: damaged from outside) is named."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged (not valid JSON: {exc}); delete it to recompute") from None
 
 
 @contextlib.contextmanager
@@ -98,3 +104,19 @@ def atomic_file(path: Path) -> Iterator[int]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files and folders a killed writer left under ``folder``; returns how many.
+
+    Only this module's names are touched (``.<name>.<random>.tmp``); call it before a run resumes, never
+    while another process writes into the same folder.
+    """
+    stale = [p for p in folder.rglob(".*.tmp") if p.name.startswith(".")]
+    for path in sorted(stale, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return len(stale)

@@ -30,10 +30,10 @@ from .evaluation.metrics import Metrics, encode_labels, evaluate, judge_rows
 from .features.gradients import Features
 from .features.store import FeatureStore
 from .progress import progress
+from .score_store import score_metadata
 from .settings import to_dict
 from .storage import atomic_file
 
-CONVENTION = "higher = the training example supports the test output more"
 EVALUATION_BYTES = 1 << 20  # bytes of score rows judged at a time (bounds the sort's memory)
 
 
@@ -127,19 +127,6 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def score_metadata(
-    name: str, settings: Mapping[str, Any], train_ids: Sequence[str], test_ids: Sequence[str]
-) -> dict[str, str]:
-    """The metadata every score file carries: method, convention, the ids of its rows and columns."""
-    return {
-        "method": name,
-        "convention": CONVENTION,
-        "train_ids": json.dumps(list(train_ids)),
-        "test_ids": json.dumps(list(test_ids)),
-        "settings": json.dumps(dict(settings)),
-    }
-
-
 def evaluate_file(path: Path, train_labels: Sequence[Any], test_labels: Sequence[Any]) -> Metrics:
     """The study's metrics of a score file, judged a few test rows at a time (equal to judging it whole)."""
     with path.open("rb") as handle:
@@ -203,12 +190,7 @@ def stream_methods(
         start = time.perf_counter()
         path = folder / f"{name}.safetensors"
         metadata = score_metadata(name, to_dict(method.settings), train_ids, test.ids)
-        with ScoreFile(path, len(test.ids), train.rows, metadata) as out:
-            transformed, chunks = score_chunks(method, train, test, gradients)
-            column = 0
-            for block in chunks:
-                out.write_columns(column, block)
-                column += block.shape[1]
+        transformed = score_to_file(method, train, test, path, metadata, gradients)
         seconds = time.perf_counter() - start
         kept = None
         if transformed is not None and keep_transformed:
@@ -216,6 +198,25 @@ def stream_methods(
         metrics = evaluate_file(path, train_labels, test_labels)
         results[name] = StreamedResult(name, path, metrics, seconds, to_dict(method.settings), kept)
     return results
+
+
+def score_to_file(
+    method: Method,
+    train: TrainFeatures,
+    test: Features,
+    path: Path,
+    metadata: Mapping[str, str],
+    gradients: TrainPasses | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Score one method into ``path``, one block of columns per training chunk; returns its transformed
+    test gradients (inner-product methods; None for others). See :func:`score_chunks` for ``gradients``."""
+    with ScoreFile(path, len(test.ids), train.rows, metadata) as out:
+        transformed, chunks = score_chunks(method, train, test, gradients)
+        column = 0
+        for block in chunks:
+            out.write_columns(column, block)
+            column += block.shape[1]
+    return transformed
 
 
 def stream_scores(method: Method, train: TrainFeatures, test: Features) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from llm_attribution.attribution.base import AttributionMethod, get_method
+from llm_attribution.attribution.base import AttributionMethod, PartialScores, get_method
 
 Blocks = dict[str, torch.Tensor]
 
@@ -173,3 +173,27 @@ def test_all_zero_block_contributes_nothing(case: Case) -> None:
     padded_train = {**train, "zeros": torch.zeros(case.problem["n_train"], 4, dtype=torch.float64)}
     padded_test = {**test, "zeros": torch.randn(case.problem["n_test"], 4, dtype=torch.float64)}
     assert torch.equal(method.score(padded_train, padded_test), method.score(train, test))
+
+
+@pytest.mark.parametrize("name", ["hessian-free", "datainf", "exact", "lissa"])
+def test_scoring_resumed_after_any_block_is_bit_identical(name: str, monkeypatch) -> None:
+    """accumulate() from the running sum after k blocks redoes only the rest and gives the same bits."""
+    rng = torch.Generator().manual_seed(5)
+    train = {f"b{i}": torch.randn(12, 7 + i, generator=rng) for i in range(4)}
+    test = {k: torch.randn(3, v.shape[1], generator=rng) for k, v in train.items()}
+    method = get_method(name)
+    kept: list[PartialScores] = []
+    whole = method.accumulate(
+        train, test, after_block=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
+    )
+    assert [p.blocks_done for p in kept] == [1, 2, 3]
+    assert torch.equal(whole, method.score(train, test))
+    calls: list[str] = []
+    original = method.transform_test
+    monkeypatch.setattr(
+        method, "transform_test", lambda block, *args: calls.append(block) or original(block, *args)
+    )
+    for partial in kept:
+        calls.clear()
+        assert torch.equal(method.accumulate(train, test, partial), whole)
+        assert calls == [f"b{i}" for i in range(partial.blocks_done, 4)]

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pytest
 import torch
 
 from llm_attribution.attribution import get_method
-from llm_attribution.diagnostics.ihvp import ihvp_relative_errors, inner_product_methods, summarize
+from llm_attribution.diagnostics.ihvp import (
+    damping_sweep,
+    ihvp_relative_errors,
+    inner_product_methods,
+    mean_spearman,
+    summarize,
+)
+from llm_attribution.errors import ConfigError
+from tests.helpers import run_cli, tiny_run_args
 
 
 def _blocks(n: int, d: int, seed: int) -> dict[str, torch.Tensor]:
@@ -47,3 +59,72 @@ def test_directions_exact_is_one_over_lambda_when_damping_dominates() -> None:
     assert min(cosines["exact"]["vs_exact"].values()) > 1 - 1e-12
     small = ihvp_directions(train, test, {"exact": get_method("exact", damping_scale=1e-3)})
     assert max(small["exact"]["vs_gradient"].values()) < 0.99
+
+
+def _naive_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of average ranks, one element at a time: the textbook definition."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        return np.array([(x < v).sum() + ((x == v).sum() - 1) / 2 for v in x], dtype=float)
+
+    values = []
+    for row_a, row_b in zip(a, b, strict=True):
+        values.append(np.corrcoef(ranks(row_a), ranks(row_b))[0, 1])
+    return float(np.mean(values))
+
+
+def test_mean_spearman_matches_the_textbook_definition_with_ties() -> None:
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 5, (6, 17), generator=g).double()  # many ties
+    b = torch.randn(6, 17, generator=g, dtype=torch.float64)
+    assert mean_spearman(a, b) == pytest.approx(_naive_spearman(a.numpy(), b.numpy()), abs=1e-12)
+    assert mean_spearman(b, b) == pytest.approx(1.0)
+    assert mean_spearman(b, -b) == pytest.approx(-1.0)
+    assert mean_spearman(b, b.exp()) == pytest.approx(1.0)  # a monotone map keeps the ranking
+
+
+def test_damping_sweep_exact_ranks_like_hessian_free_only_under_heavy_damping() -> None:
+    # Low-rank Fisher (n < d): with light damping exact re-weights directions; with heavy damping it is
+    # I / lambda, whose scores rank exactly like Hessian-free's. One block: with several, each block's own
+    # lambda weights it, so the limit is a block-weighted Hessian-free.
+    train, test = _blocks(12, 40, 5), _blocks(6, 40, 6)
+    train, test = {"a": train["a"]}, {"a": test["a"]}
+    light, heavy = damping_sweep(
+        train, test, [1e-3, 1e6], methods=("datainf", "lissa"), options={"lissa": {"depth": 50}}
+    )
+    assert heavy.rank_correlation_vs_hessian_free["exact"] > 0.9999
+    assert light.rank_correlation_vs_hessian_free["exact"] < 0.99
+    # Heavy damping: every approximation agrees with exact; its iHVP error is small.
+    assert max(heavy.relative_error.values()) < 1e-3
+    assert min(heavy.rank_correlation_vs_exact.values()) > 0.999
+    assert set(light.relative_error) == {"datainf", "lissa"}
+
+
+def test_damping_sweep_rejects_non_positive_scales_and_other_methods() -> None:
+    train, test = _blocks(5, 4, 7), _blocks(2, 4, 8)
+    with pytest.raises(ConfigError, match="positive"):
+        damping_sweep(train, test, [0.1, 0.0])
+    with pytest.raises(ConfigError, match="repsim"):
+        damping_sweep(train, test, [0.1], methods=("repsim",))
+
+
+def test_cli_ihvp_sweep_on_a_tiny_run(tmp_path, capsys) -> None:
+    run = tmp_path / "r"
+    argv = ["finetune", *tiny_run_args(train=30, test=5, epochs=1), "--out", str(run)]
+    assert run_cli(argv, capsys)[0] == 0
+    sweep = ["diagnose", "ihvp", "--run", str(run), "--damping-scales", "0.01,100", "--quiet"]
+    code, out, err = run_cli([*sweep, "--method-options", "lissa.depth=20"], capsys)
+    assert code == 0, err
+    record = json.loads((run / "diagnostics" / "ihvp.json").read_text())
+    assert [p["damping_scale"] for p in record["points"]] == [0.01, 100.0]
+    assert record["method_options"] == {"lissa": {"depth": 20}}
+    low, high = record["points"]
+    assert set(low["rank_correlation_vs_hessian_free"]) == {"datainf", "lissa", "exact"}
+    # Heavier damping brings exact's ranking closer to Hessian-free's.
+    assert (
+        high["rank_correlation_vs_hessian_free"]["exact"] > low["rank_correlation_vs_hessian_free"]["exact"]
+    )
+    assert "rho(HF)" in out
+    for bad in ("0.1,-1", "abc"):
+        code, _, err = run_cli(["diagnose", "ihvp", "--run", str(run), "--damping-scales", bad], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--damping-scales" in err

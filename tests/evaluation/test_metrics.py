@@ -119,3 +119,28 @@ def test_own_label_first_is_perfect(n_classes: int, per_class: int, n_test: int,
     metrics = evaluate(scores, train, test)
     assert metrics.k == per_class
     assert metrics.accuracy == 1.0 and metrics.coverage == 1.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(0, 4),
+    st.integers(0, 6),
+    st.lists(st.sampled_from("abc"), max_size=7),
+    st.lists(st.sampled_from("abcd"), max_size=5),
+    st.sampled_from([0.0, 1.0, np.nan, np.inf, -np.inf]),
+    st.none() | st.integers(-1, 8),
+)
+def test_any_input_gives_metrics_or_a_data_error(
+    n_test: int, n_train: int, train: list[str], test: list[str], special: float, k: int | None
+) -> None:
+    """Shapes that disagree with the labels, NaN or infinite scores, any k: a result, or a DataError."""
+    scores = np.arange(n_test * n_train, dtype=np.float64).reshape(n_test, n_train) % 3
+    if scores.size:
+        scores.flat[0] = special
+    try:
+        metrics = evaluate(scores, train, test, k=k)
+    except DataError:
+        return
+    assert scores.shape == (len(test), len(train)) and not np.isnan(scores).any()
+    assert metrics.per_test_hit.shape == (len(test),)
+    assert all(0.0 <= c <= 1.0 for c in metrics.per_test_coverage)

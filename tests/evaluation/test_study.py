@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from llm_attribution import pipeline as pipeline_module
+from llm_attribution.evaluation.study import per_class_markdown
 from llm_attribution.features import store as store_module
 from tests.helpers import run_cli
 
@@ -79,3 +80,27 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
     assert judged["missing_cells"] == ["grammars/seed-5", "backdoor/seed-5"]
     assert judged["tasks"] == record["tasks"]
     assert "not yet run" in stdout
+
+
+def test_per_class_markdown_has_a_row_per_class_and_a_column_per_method() -> None:
+    def metric(per_class: dict[str, float]) -> dict[str, object]:
+        return {"per_class": per_class}
+
+    record = {
+        "tasks": {
+            "backdoor": {
+                "hessian-free": {
+                    "accuracy": metric({"clean": 0.5, "trigger": 1.0}),
+                    "coverage": metric({"clean": 0.25, "trigger": 0.75}),
+                },
+                "repsim": {
+                    "accuracy": metric({"clean": 0.125, "trigger": 0.0}),
+                    "coverage": metric({"clean": 0.5, "trigger": 0.0}),
+                },
+            }
+        }
+    }
+    lines = per_class_markdown(record).splitlines()
+    assert lines[2] == "| class | hessian-free | repsim |"
+    assert lines[4] == "| clean | 0.50 / 0.25 | 0.12 / 0.50 |"
+    assert lines[5] == "| trigger | 1.00 / 0.75 | 0.00 / 0.00 |"

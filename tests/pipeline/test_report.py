@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from llm_attribution.cli import main
@@ -24,7 +31,7 @@ def _dataset(folder, n_train=24, n_test=6):
 
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
-    """A tiny run on a user dataset (not built in), with its spectrum diagnosed."""
+    """A tiny run on a user dataset (not built in), with its spectrum and damping sweep diagnosed."""
     root = tmp_path_factory.mktemp("report")
     data = _dataset(root / "data")
     run = root / "run"
@@ -46,6 +53,8 @@ def user_run(tmp_path_factory):
     ]
     assert main(argv) == 0
     assert main(["diagnose", "spectrum", "--run", str(run), "--quiet"]) == 0
+    sweep = ["diagnose", "ihvp", "--run", str(run), "--damping-scales", "0.1,10", "--methods", "datainf"]
+    assert main([*sweep, "--quiet"]) == 0
     return run
 
 
@@ -57,7 +66,8 @@ def test_report_of_a_run_with_user_data(user_run, tmp_path, capsys) -> None:
     assert code == 0, err
     page = (run / "report.html").read_text()
     md = (run / "report.md").read_text()
-    assert page.count("data:image/png;base64,") >= 3  # grid x2 and the spectrum, embedded
+    assert page.count("data:image/png;base64,") >= 5  # grid x2, the spectrum and the sweep x2, embedded
+    assert (run / "report" / f"ihvp-rank-{run.name}.png").is_file()
     assert "<table>" in page and "| data | hessian-free |" in md
     assert "[cut: not a built-in dataset]" in md
     assert "must not reproduce in full and then" not in md
@@ -72,3 +82,57 @@ def test_report_on_a_folder_without_results(tmp_path, capsys) -> None:
 def test_report_without_examples(user_run, capsys) -> None:
     assert run_cli(["report", str(user_run), "--examples", "0", "--quiet"], capsys)[0] == 0
     assert "question" not in (user_run / "report.md").read_text()
+
+
+def _chromium() -> str:
+    """The headless browser, or skip with a reason (fail where CI asks: LLM_ATTR_REQUIRE_CHROMIUM=1)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        reason = "headless Chromium is not installed (Debian package `chromium`; .ci/run installs it)"
+        if os.environ.get("LLM_ATTR_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def _screenshot(chromium: str, page: Path, out: Path) -> tuple[np.ndarray, str]:
+    # The flags a closed network needs: no background connections, no sandbox as root, a fresh profile.
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={out.parent / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1200,2400",
+        f"--screenshot={out}",
+        page.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and out.is_file(), done.stderr[-2000:]
+    return plt.imread(str(out)), done.stderr
+
+
+def _coloured_pixels(image: np.ndarray) -> int:
+    """Pixels with a clear hue: the plots' lines and bars; text, tables and background are grey."""
+    rgb = image[..., :3]
+    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25).sum())
+
+
+def test_report_renders_in_headless_chromium(user_run, tmp_path, capsys) -> None:
+    chromium = _chromium()
+    assert run_cli(["report", str(user_run), "--quiet"], capsys)[0] == 0
+    image, log = _screenshot(chromium, user_run / "report.html", tmp_path / "report.png")
+    assert "Uncaught" not in log and "ERR_FILE_NOT_FOUND" not in log
+    # The same page with its images' data removed is the control: the colour comes from the plots.
+    broken = tmp_path / "broken.html"
+    html_text = (user_run / "report.html").read_text()
+    images = r"data:image/png;base64,[A-Za-z0-9+/=]+"
+    broken.write_text(re.sub(images, "data:image/png;base64,AAAA", html_text))
+    control, _ = _screenshot(chromium, broken, tmp_path / "broken.png")
+    assert _coloured_pixels(image) > 5000 > _coloured_pixels(control)

@@ -97,6 +97,8 @@ def test_corrupted_shard_is_named(tiny_run, capsys, tmp_path) -> None:
             str(run),
             "--methods",
             "hessian-free",
+            "--method-options",
+            "hessian-free.chunk_size=7",  # not scored yet, so the features must be read
             "--epoch",
             str(results["epoch"]),
             "--quiet",

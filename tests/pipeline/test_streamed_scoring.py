@@ -4,6 +4,7 @@ score files written column block by column block, equal to the in-memory scores 
 from __future__ import annotations
 
 import json
+import shutil
 import weakref
 
 import numpy as np
@@ -148,7 +149,15 @@ def test_stream_scores_in_memory_for_a_few_test_rows(tiny_features) -> None:
 def test_run_with_projection_dim_stores_projected_features_under_their_own_key(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     methods = ["--methods", "hessian-free,exact,repsim"]
-    argv = ["run", *tiny_run_args(train=20, test=4, epochs=1), *methods, "--projection-dim", "16"]
+    argv = [
+        "run",
+        *tiny_run_args(train=20, test=4, epochs=1),
+        *methods,
+        "--projection-dim",
+        "16",
+        "--stream",
+        "1",
+    ]
     code, _, err = run_cli([*argv, "--out", str(run)], capsys)
     assert code == 0, err
     [folder] = (run / "features").glob("train-*")
@@ -211,3 +220,31 @@ def test_streamed_methods_hold_one_training_chunk_at_a_time(tiny_features, tmp_p
     labels = [e.label for e in task.train], [e.label for e in task.test]
     stream_methods({variant: method}, train, test, tmp_path, *labels, [e.id for e in task.train])
     assert peak[0] <= 2 if flat else peak[0] == train.chunks == 5
+
+
+def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
+    """`--stream` through the CLI: the same score files (to float rounding) and metrics as in memory."""
+    methods = "hessian-free,datainf,lissa,exact,repsim"
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        ["run", *tiny_run_args(train=20, test=4, epochs=1), "--methods", methods, "--out", str(run)], capsys
+    )
+    assert code == 0, err
+    streamed = shutil.copytree(run, tmp_path / "streamed")
+    shutil.rmtree(streamed / "scores")  # nothing cached: every method is scored again, streamed
+    code, _, err = run_cli(
+        ["attribute", "--run", str(streamed), "--methods", methods, "--stream", "true", "--quiet"], capsys
+    )
+    assert code == 0, err
+    in_memory = json.loads((run / "results.json").read_text())["methods"]
+    rows = json.loads((streamed / "results.json").read_text())["methods"]
+    for name in methods.split(","):
+        expected = read_scores(run / in_memory[name]["scores"])
+        got = read_scores(streamed / rows[name]["scores"])
+        assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL, name
+        assert rows[name]["accuracy"] == in_memory[name]["accuracy"], name
+        assert rows[name]["coverage"] == in_memory[name]["coverage"], name
+    for name in ("datainf", "lissa"):  # the iHVP comparison, from float32 transforms instead of float64
+        for key in ("median", "max"):
+            expected_error = in_memory[name]["ihvp_relative_error_vs_exact"][key]
+            assert rows[name]["ihvp_relative_error_vs_exact"][key] == pytest.approx(expected_error, rel=1e-3)

@@ -19,7 +19,7 @@ import importlib
 import logging
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -111,11 +111,27 @@ class InnerProductMethod(AttributionMethod):
 
     def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
+        return self.accumulate(train, test)
+
+    def accumulate(
+        self,
+        train: GradientBlocks,
+        test: GradientBlocks,
+        partial: PartialScores | None = None,
+        after_block: Callable[[PartialScores], None] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`score`, block by block from ``partial`` (the sum over the first blocks, as ``after_block``
+        was given it), so that scoring interrupted after any block resumes there with identical results."""
         names, n_train, n_test = check_blocks(train, test)
         dtype = compute_dtype(train, test)
         device = train[names[0]].device
         out = torch.zeros(n_test, n_train, dtype=dtype, device=device)
-        for name in progress(names, desc=self.name, total=len(names)):
+        done = 0
+        if partial is not None and partial.sum.shape == out.shape and partial.sum.dtype == dtype:
+            out.copy_(partial.sum)
+            done = partial.blocks_done
+        for index in progress(range(done, len(names)), desc=self.name, total=len(names) - done):
+            name = names[index]
             g_train = train[name].to(device=device, dtype=dtype)
             if not bool(g_train.any()):
                 logger.debug("%s: block %s has all-zero training gradients; skipped", self.name, name)
@@ -123,6 +139,8 @@ class InnerProductMethod(AttributionMethod):
             transformed = self.transform_test(name, g_train, test[name].to(device=device, dtype=dtype))
             for rows in self.chunks(n_test):
                 out[rows].addmm_(transformed[rows], g_train.T)
+            if after_block is not None and index + 1 < len(names):
+                after_block(PartialScores(index + 1, out))
         return out.to(torch.float32)
 
     # ------------------------------------------------------------------ streamed training gradients
@@ -165,6 +183,14 @@ class InnerProductMethod(AttributionMethod):
         n_test, dtype = next(iter(test.values())).shape[0], train.compute_dtype(test)
         for chunk in train:
             yield self.score_chunk(transformed, chunk, n_test, dtype)
+
+
+@dataclass(frozen=True)
+class PartialScores:
+    """The score sum over the first ``blocks_done`` blocks (in the compute dtype), to resume from."""
+
+    blocks_done: int
+    sum: torch.Tensor
 
 
 class RepresentationMethod(Method):

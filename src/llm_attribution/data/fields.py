@@ -7,6 +7,7 @@ explicitly; a missing field names the fields the data has and the option that ma
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,11 @@ def to_examples(rows: Sequence[Row], fields: Fields, split: str, source: str) ->
         )
         example_id = _value(row, fields.id, split, index, source) if fields.id else f"{split}-{index}"
         examples.append(Example(id=example_id, prompt=prompt, response=response, label=label))
+    # Checked before any split: two rows of one file with one id would otherwise land in train and test.
+    counts = Counter(e.id for e in examples)
+    dupes = [i for i, c in counts.items() if c > 1]
+    if dupes:
+        raise DataError(f"{source}: duplicate example id(s) in {split}: {', '.join(dupes[:5])}")
     return tuple(examples)
 
 

@@ -180,11 +180,25 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl`` or ``.csv`` file, with read and decode errors turned into DataError."""
     try:
         if path.suffix.lower() == ".csv":
-            with path.open(encoding="utf-8-sig", newline="") as handle:
-                return list(csv.DictReader(handle))
+            return _read_csv(path)
         return _read_jsonl(path)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"cannot read {path}: {_one_line(err)}") from err
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header; a row with more cells than the header is reported by line."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader files surplus cells under the key None
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} cells, "
+                    f"but the header names {len(reader.fieldnames or [])}"
+                )
+            rows.append(row)
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

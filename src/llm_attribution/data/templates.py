@@ -99,13 +99,16 @@ def encode_examples(
     return [encode_example(e, tokenizer, settings) for e in examples]
 
 
-def collate(batch: Sequence[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch; padding gets attention mask 0 and label IGNORE_INDEX.
+def collate(
+    batch: Sequence[Encoded], pad_id: int, padding_side: str = "right", width: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example (or to ``width`` if longer); padding gets attention mask 0 and
+    label IGNORE_INDEX.
 
     Position ids are given explicitly (counting real tokens only), so left and right padding give every
     example exactly the same positions, hence the same logits and gradients.
     """
-    width = max(len(e.input_ids) for e in batch)
+    width = max(width, *(len(e.input_ids) for e in batch))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..attribution.base import GradientBlocks, block_damping, check_blocks
+from ..settings import require_positive
 
 RELATIVE_RANK_TOL = 1e-10
 
@@ -67,6 +68,7 @@ def spectra(
     train: GradientBlocks, test: GradientBlocks, damping_scale: float = 0.1
 ) -> dict[str, BlockSpectrum]:
     """:func:`block_spectrum` of every block with non-zero training gradients."""
+    require_positive("damping_scale", damping_scale)  # no damping: no threshold to compare against
     names, _, _ = check_blocks(train, test)
     return {
         name: block_spectrum(train[name], test[name], damping_scale)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
+from .. import distributed
 from ..data.loaders import load_task
 from ..features.gradients import GradientSettings
 from ..pipeline import FinetuneConfig, finetune_run, select_epoch
+from ..score_store import read_run_scores
 from ..scoring import RESULTS_FILE, AttributeSettings, attribute_explained
 from ..settings import option, require, to_dict
 from ..storage import write_json_atomic
@@ -104,7 +105,7 @@ def run_study(
         "missing_cells": missing,
         "versions": package_versions(),
     }
-    write_json_atomic(out / STUDY_FILE, record)
+    distributed.on_main(write_json_atomic, out / STUDY_FILE, record)
     return record
 
 
@@ -122,7 +123,7 @@ def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict
         per_seed: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
         test_labels: list[str] = []
         for cell in seeds.values():
-            scores = load_file(str(cell["run"] / "scores" / f"{method}.safetensors"))["scores"]
+            scores = read_run_scores(cell["run"], method)
             train_labels, test_labels = cell["labels"]
             ranking = ranking_metrics(scores, train_labels, test_labels, precision_ks=(10,))
             values = {
@@ -175,4 +176,36 @@ def study_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STUDY_TASKS", "StudySettings", "resolve_task", "run_study", "study_markdown"]
+def per_class_markdown(record: dict[str, Any]) -> str:
+    """Per task, one row per test class: each method's accuracy / coverage averaged over that class's tests
+    (and seeds). It shows which classes a method fails on, which the grid's means hide."""
+    parts = []
+    for task, methods in record["tasks"].items():
+        names = list(methods)
+        classes = sorted({c for m in methods.values() for c in m["accuracy"]["per_class"]})
+        parts += [
+            f"**{task}** (accuracy / coverage per test class)",
+            "",
+            "| class | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for label in classes:
+            cells = [
+                f"{methods[m]['accuracy']['per_class'].get(label, float('nan')):.2f} / "
+                f"{methods[m]['coverage']['per_class'].get(label, float('nan')):.2f}"
+                for m in names
+            ]
+            shown = label if len(label) <= 40 else label[:37] + "..."
+            parts.append(f"| {shown.replace('|', '/')} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
+__all__ = [
+    "STUDY_TASKS",
+    "StudySettings",
+    "per_class_markdown",
+    "resolve_task",
+    "run_study",
+    "study_markdown",
+]

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
 from ..errors import DataError, UserError
+from ..models.device import autocast
 from ..progress import progress
 from ..settings import option, require, require_positive
 from .projection import KroneckerProjector
@@ -195,7 +196,8 @@ def collect_features(
                 for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
             }
             labels = batch.pop("labels")
-            out = model(**batch, output_hidden_states=representations, use_cache=False)
+            with autocast(model):  # bf16 base: low-precision forward; the einsums below sum in float32
+                out = model(**batch, output_hidden_states=representations, use_cache=False)
             loss, counts = per_example_losses(out.logits, labels)
             _check_rows(loss, counts, [examples[i].id for i in rows])
             names = list(modules)

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
+from .. import distributed
 from ..data.schema import Example
 from ..errors import RunError
+from ..pause import pause_point
 from ..storage import read_json, write_bytes_atomic, write_json_atomic
 from .gradients import Features
 
@@ -105,7 +107,6 @@ class FeatureStore:
     ) -> Iterator[Features]:
         """Each shard in order: read when stored (if ``read_stored``), else computed and stored."""
         manifest = self._manifest()
-        self.folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, len(examples), self.shard_size):
             chunk = examples[start : start + self.shard_size]
             name = self._shard_name(start)
@@ -114,20 +115,24 @@ class FeatureStore:
                     yield self._read_shard(name, manifest["shards"][name], chunk)
                 continue
             features = collect(chunk)
+            pause_point("features-shard")
             # Block order is the model's module order; safetensors sorts names, so the order is kept
             # here: scores sum over blocks, and a different order would round differently.
             metadata = {"ids": json.dumps(features.ids), "blocks": json.dumps(list(features.blocks))}
             data = save(_to_tensors(features), metadata=metadata)
-            write_bytes_atomic(self.folder / name, data)
             manifest["shards"][name] = {
                 "rows": [start, start + len(chunk)],
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
-            write_json_atomic(self.manifest_path, manifest)
+            distributed.on_main(self._write_shard, name, data, manifest)  # under torchrun: rank 0 writes
             log.info(
                 "%s: stored examples %d-%d of %d", self.folder.name, start, start + len(chunk), len(examples)
             )
             yield features
+
+    def _write_shard(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
+        write_bytes_atomic(self.folder / name, data)
+        write_json_atomic(self.manifest_path, manifest)
 
     def load(self, examples: Sequence[Example]) -> Features:
         """Every stored shard of a complete split, checked against the manifest's checksums."""

@@ -7,6 +7,7 @@ and settings give bit-identical adapters on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -17,16 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .. import distributed
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from ..errors import UserError
+from ..pause import pause_point
 from ..progress import ProgressBar
 from ..run_layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from ..settings import option, require, require_positive
 from ..storage import atomic_dir, write_bytes_atomic
+from .data_parallel import DataParallelSteps
+from .device import autocast
 from .lora import lora_parameters
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,12 @@ class TrainSettings:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = option(0, "seed of the LoRA initialisation, dropout and the shuffling order")
+    checkpoint_minutes: float = option(
+        5.0,
+        "save the training state mid-epoch at most this often, for resuming a killed run (0: after every "
+        "step); results do not depend on it",
+        recorded=False,
+    )
 
     def __post_init__(self) -> None:
         require_positive("epochs", self.epochs)
@@ -50,6 +61,10 @@ class TrainSettings:
         require_positive("learning_rate", self.learning_rate)
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}")
+        require(
+            math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
+            f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes!r}",
+        )
 
 
 @dataclass
@@ -83,10 +98,11 @@ def finetune(
 ) -> LossCurve:
     """Train the LoRA weights of ``model`` on ``train``; save ``adapters/epoch-K`` after each epoch.
 
-    The LoRA initialisation must already be seeded by the caller. After every epoch the optimizer,
-    schedule, shuffling and dropout random states are saved too (``train_state.pt``), so that a run killed
-    mid-way resumes from its last finished epoch (:func:`resume_state`) and ends with the adapter an
-    uninterrupted run would have produced.
+    The LoRA initialisation must already be seeded by the caller. The training state (LoRA weights,
+    optimizer, schedule, shuffling and dropout random states) is saved to ``train_state.pt`` after every
+    epoch and, mid-epoch, at most every ``settings.checkpoint_minutes``; a run killed at any point resumes
+    from its last saved step (:func:`resume_state`) and ends with the adapters an uninterrupted run saves.
+    Under ``torchrun`` each rank trains on a slice of every batch (:mod:`.data_parallel`) and rank 0 saves.
     """
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -97,46 +113,102 @@ def finetune(
     total = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     generator = torch.Generator().manual_seed(settings.seed)
-    curve, first = LossCurve(), 1
+    curve, first, done, partial, partial_seconds = LossCurve(), 1, 0, [], 0.0
     state = resume_state(run)
     if state is not None:
-        set_peft_model_state_dict(model, load_file(str(adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS)))
+        lora = state.get("lora")
+        if lora is None:  # a state file written before LoRA weights were kept in it
+            lora = load_file(str(adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS))
+        set_peft_model_state_dict(model, lora)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_states(state, device)
         curve = LossCurve(
             list(state["step_loss"]), list(state["epoch_loss"]), list(state["seconds_per_epoch"])
         )
-        first = state["epoch"] + 1
-        log.info("resuming fine-tuning after epoch %d", state["epoch"])
+        first, done = state["epoch"] + 1, state.get("step", 0)
+        partial, partial_seconds = list(state.get("epoch_step_loss", [])), state.get("epoch_seconds", 0.0)
+        log.info("resuming fine-tuning in epoch %d after step %d", first, done)
     model.train()
-    with ProgressBar(total, "fine-tuning") as bar:
-        bar.update((first - 1) * steps_per_epoch)
+    every = settings.checkpoint_minutes * 60.0
+    last_save = time.monotonic()
+    parallel = DataParallelSteps(model, params, pad_id) if distributed.active() else None
+
+    def backward(rows: list[int]) -> torch.Tensor:
+        """The batch's mean token loss, its gradient left in the LoRA parameters' ``.grad``."""
+        if parallel is not None:
+            loss = parallel.backward([encoded[i] for i in rows])
+            if not torch.isfinite(loss):  # the same loss on every rank: all stop here together
+                ids = ", ".join(train[i].id for i in rows[:5])
+                raise UserError(
+                    f"non-finite training loss in epoch {epoch} in the batch of example(s) {ids}; "
+                    "lower --learning-rate, or check those examples and the model's weights"
+                )
+            return loss
+        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
+        with autocast(model):
+            out = model(**batch)
+        if not torch.isfinite(out.loss):
+            ids = ", ".join(train[rows[r]].id for r in _non_finite_rows(out.logits, batch)[:5])
+            raise UserError(
+                f"non-finite training loss in epoch {epoch} on example(s) {ids}; "
+                "lower --learning-rate, or check those examples and the model's weights"
+            )
+        out.loss.backward()
+        return out.loss
+
+    with ProgressBar(total, "fine-tuning") as bar, parallel or contextlib.nullcontext():
+        bar.update((first - 1) * steps_per_epoch + done)
         for epoch in range(first, settings.epochs + 1):
-            start, losses = time.perf_counter(), []
-            for rows in _batches(len(encoded), settings.batch_size, generator):
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    ids = ", ".join(train[i].id for i in rows[:5])
-                    raise UserError(
-                        f"non-finite training loss in epoch {epoch} on examples {ids}; lower --learning-rate"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            at_start = generator.get_state()  # redraws this epoch's order when resuming mid-epoch
+            batches = _batches(len(encoded), settings.batch_size, generator)
+            skip = done if epoch == first else 0
+            losses = partial if skip else []
+            start = time.perf_counter() - (partial_seconds if skip else 0.0)
+            for step in range(skip, len(batches)):
+                rows = batches[step]
+                loss = backward(rows)
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # AdamW's step size itself overflows float32
+                    if "overflow" not in str(exc):
+                        raise
+                    raise UserError(
+                        f"the optimizer step overflowed in epoch {epoch}: --learning-rate "
+                        f"{settings.learning_rate:g} is far too large"
+                    ) from None
                 scheduler.step()
                 losses.append(loss.item())
                 bar.update(1, epoch=epoch, loss=f"{losses[-1]:.3f}")
+                pause_point("finetune-step")
+                due = step + 1 < len(batches) and time.monotonic() - last_save >= every
+                if distributed.active():  # clocks differ between ranks: rank 0 decides for all
+                    due = bool(distributed.broadcast_object(due))
+                if due:
+                    if distributed.is_main():
+                        elapsed = time.perf_counter() - start
+                        mid = _state(
+                            model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
+                        )
+                        _save_state(run, mid | {"epoch_step_loss": list(losses), "epoch_seconds": elapsed})
+                    last_save = time.monotonic()
             curve.steps.extend(losses)
             curve.epochs.append(sum(losses) / len(losses))
             curve.seconds_per_epoch.append(time.perf_counter() - start)
-            with atomic_dir(adapter_dir(run, epoch)) as tmp:
-                model.save_pretrained(str(tmp))
-            _save_state(run, epoch, optimizer, scheduler, generator, curve)
+            with distributed.agree():
+                if distributed.is_main():
+                    with atomic_dir(adapter_dir(run, epoch)) as tmp:
+                        model.save_pretrained(str(tmp))
+                    # Written after the epoch's adapter: a state file always refers to adapters that exist.
+                    _save_state(
+                        run,
+                        _state(model, optimizer, scheduler, curve, device, epoch, 0, generator.get_state()),
+                    )
+            last_save = time.monotonic()
             log.info(
                 "epoch %d: mean loss %.4f (%.1f s)", epoch, curve.epochs[-1], curve.seconds_per_epoch[-1]
             )
@@ -144,29 +216,55 @@ def finetune(
     return curve
 
 
-def _save_state(
-    run: Path,
-    epoch: int,
+def _non_finite_rows(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[int]:
+    """Rows of a batch whose logits are non-finite at a real token (all rows when none is singled out)."""
+    finite = torch.isfinite(logits.detach()).all(dim=-1) | (batch["attention_mask"] == 0)
+    bad = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+    return bad or list(range(logits.shape[0]))
+
+
+def _state(
+    model: PeftModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
     curve: LossCurve,
-) -> None:
-    # Written after the epoch's adapter: a state file always refers to an adapter that exists.
+    device: torch.device,
+    epoch: int,
+    step: int,
+    generator: torch.Tensor,
+) -> dict[str, Any]:
+    """Everything the next step depends on: after ``epoch`` finished epochs and ``step`` steps of the next.
+
+    ``generator`` is the shuffling generator's state at the start of epoch ``epoch + 1`` (its order is
+    redrawn on resuming); a mid-epoch state adds that epoch's losses and seconds so far.
+    """
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lora": get_peft_model_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "step_loss": list(curve.steps),
+        "epoch_loss": list(curve.epochs),
+        "seconds_per_epoch": list(curve.seconds_per_epoch),
+        "epoch_step_loss": [],
+        "epoch_seconds": 0.0,
+    }
+
+
+def _set_rng_states(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the dropout random state(s) a saved state was taken with."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _save_state(run: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
-    torch.save(
-        {
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "step_loss": curve.steps,
-            "epoch_loss": curve.epochs,
-            "seconds_per_epoch": curve.seconds_per_epoch,
-        },
-        buffer,
-    )
+    torch.save(state, buffer)
     write_bytes_atomic(run / TRAIN_STATE_FILE, buffer.getvalue())
 
 
@@ -180,6 +278,6 @@ def resume_state(run: Path) -> dict[str, Any] | None:
     except Exception as exc:  # a damaged state file: say so and train from the start
         log.warning("cannot read %s (%s); fine-tuning starts from the beginning", path, exc)
         return None
-    if not (adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS).is_file():
+    if state["epoch"] > 0 and not (adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS).is_file():
         return None
     return state

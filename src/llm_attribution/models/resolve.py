@@ -96,12 +96,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 
 def _load_pretrained(
-    spec: str, dtype: torch.dtype, local: bool
+    spec: str, dtype: torch.dtype, local: bool, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     offline = not local and not hub_reachable()
+    # On a GPU the weights go straight to it: a 7B model per rank would not fit in host memory several times.
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=offline, **placement)
     except Exception as exc:
         if offline:
             raise ModelError(
@@ -109,6 +111,11 @@ def _load_pretrained(
                 "pass its local folder with --model PATH, or use --model embedded"
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not local:  # the hub answered the probe, yet loading failed: often a hub that is only half there
+            raise ModelError(
+                f"cannot load model '{spec}' from the model hub ({first}); check the id, or if the hub is "
+                "unreachable from here, download it elsewhere and pass its local folder with --model PATH"
+            ) from None
         raise ModelError(f"cannot load model '{spec}': {first}") from None
     return model, tokenizer
 
@@ -134,14 +141,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             model, tokenizer = _load_gguf(path, dtype)
             source = f"gguf:{path.resolve()}"
         elif path.is_dir():
-            model, tokenizer = _load_pretrained(str(path), dtype, local=True)
+            model, tokenizer = _load_pretrained(str(path), dtype, local=True, device=device)
             source = f"folder:{path.resolve()}"
         elif path.exists():
             raise ModelError(
                 f"--model {spec} is a file but not a .gguf file; pass a model folder or a .gguf file"
             )
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-            model, tokenizer = _load_pretrained(spec, dtype, local=False)
+            model, tokenizer = _load_pretrained(spec, dtype, local=False, device=device)
             source = f"hub:{spec}"
         else:
             raise ModelError(

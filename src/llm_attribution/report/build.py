@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
 from ..data.builtin import BUILTIN_TASKS
 from ..data.loaders import load_task
 from ..data.schema import TaskData
 from ..errors import RunError
-from ..evaluation.study import STUDY_FILE, judge_task, study_markdown
+from ..evaluation.study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
 from ..pipeline import FinetuneConfig
 from ..run_layout import SETTINGS_FILE
+from ..score_store import read_run_scores
 from ..scoring import RESULTS_FILE
 from ..storage import read_json, write_bytes_atomic
 from .figures import grid_figure, lines_figure, spectrum_figure
@@ -76,6 +77,7 @@ def build_report(
         "Scores: higher = supports the test output more.\n\n" + study_markdown(record),
         {f"grid-{m}": grid_figure(record["tasks"], m) for m in ("accuracy", "coverage")},
     )
+    report.add("Per-class breakdown", per_class_markdown(record))
     if official_root is not None and data_root is not None and official_root.is_dir():
         report.add("The study's 7B figures (official score files)", official_table(official_root, data_root))
     for run in _runs(folder):
@@ -98,6 +100,28 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
             f"Fisher spectrum ({where})",
             f"Medians over blocks: {summary}.",
             {f"spectrum-{run.name}": spectrum_figure(spectrum["blocks"])},
+        )
+    if (diag / "ihvp.json").is_file():
+        points = read_json(diag / "ihvp.json")["points"]
+        scales = [p["damping_scale"] for p in points]
+        names = list(points[0]["relative_error"]) if points else []
+        errors = {m: [p["relative_error"][m] for p in points] for m in names}
+        rho = {
+            f"{m} vs {ref}": [p[f"rank_correlation_vs_{key}"][m] for p in points]
+            for key, ref, members in (("hessian_free", "HF", [*names, "exact"]), ("exact", "exact", names))
+            for m in members
+        }
+        report.add(
+            f"iHVP error and rank agreement over damping ({where})",
+            "Median over blocks of ||approx - exact|| / ||exact||; mean Spearman correlation over tests.",
+            {
+                f"ihvp-error-{run.name}": lines_figure(
+                    scales, errors, "damping scale", "relative error", "iHVP error vs exact", log="xy"
+                ),
+                f"ihvp-rank-{run.name}": lines_figure(
+                    scales, rho, "damping scale", "Spearman", "Rank agreement of scores", log="x"
+                ),
+            },
         )
     if (diag / "convergence.json").is_file():
         rows = read_json(diag / "convergence.json")["epochs"]
@@ -139,7 +163,7 @@ def _examples(run: Path, count: int) -> str:
     lines = []
     picks = np.linspace(0, len(task.test) - 1, num=min(count, len(task.test))).astype(int)
     for name in read_json(run / RESULTS_FILE)["methods"]:
-        scores = load_file(str(run / "scores" / f"{name}.safetensors"))["scores"].double().numpy()
+        scores = read_run_scores(run, name).double().numpy()
         for t in picks:
             test = task.test[t]
             lines.append(f"- **{name}**, test `{test.id}` [{test.label}]: {show(test.prompt)}")
@@ -178,7 +202,7 @@ def _md_to_html(text: str) -> str:
     for line in [*text.splitlines(), ""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):
-                table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+                table.append([_inline(c.strip()) for c in line.strip("|").split("|")])
             continue
         if table:
             head, *rows = table
@@ -191,5 +215,12 @@ def _md_to_html(text: str) -> str:
             )
             table = []
         if line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     return "".join(out)
+
+
+def _inline(text: str) -> str:
+    """``**bold**`` and `` `code` `` after escaping, so the Markdown marks do not show in the page."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)

@@ -40,10 +40,19 @@ def grid_figure(tasks: Mapping[str, Mapping[str, Any]], metric: str) -> bytes:
 
 
 def lines_figure(
-    x: Sequence[float], series: Mapping[str, Sequence[float | None]], xlabel: str, ylabel: str, title: str
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log: str = "",
 ) -> bytes:
-    """One line per series over ``x`` (``None`` values are skipped)."""
+    """One line per series over ``x`` (``None`` values are skipped); ``log`` names log axes: "x", "xy"."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    if "x" in log:
+        ax.set_xscale("log")
+    if "y" in log:
+        ax.set_yscale("log")
     for name, values in series.items():
         points = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
         if points:

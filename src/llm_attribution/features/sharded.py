@@ -1,0 +1,96 @@
+"""Per-example work split over the ranks of a ``torchrun`` job, gathered back in example order.
+
+Gradient collection: each rank computes the features of its contiguous slice of the examples and every
+rank receives all rows (rank 0 stores them; every rank scores with them). Scoring: each rank scores its
+slice of the TEST examples against all training examples and the rows are gathered. Test rows are the
+split that keeps every method exact: DataInf's damping and the exact inverse Fisher depend on ALL
+training gradients, while each test row's scores depend on that test example alone.
+Without ``torchrun`` both functions simply call the work on everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import distributed
+from ..data.schema import Example
+from .gradients import Features
+
+_REPRESENTATIONS = "__representations__"
+_LOSSES = "__losses__"
+
+
+def collect_sharded(
+    examples: Sequence[Example], collect: Callable[[Sequence[Example]], Features]
+) -> Features:
+    """``collect(examples)``, each rank computing a contiguous slice; every rank gets all rows."""
+    if not distributed.active():
+        return collect(examples)
+    rows = distributed.my_rows(len(examples))
+    local: Features | None = None
+    with distributed.agree():
+        if rows.stop > rows.start:
+            local = collect(examples[rows])
+    layout = next(item for item in distributed.all_gather_object(_layout(local)) if item is not None)
+    flat = distributed.all_gather_rows(None if local is None else _flatten(local, layout))
+    return _unflatten(flat, layout, [e.id for e in examples])
+
+
+def score_sharded(score: Callable[[Features], torch.Tensor], test: Features) -> torch.Tensor:
+    """``score(test)`` (``[n_test, n_train]``), each rank scoring a contiguous slice of the test rows."""
+    if not distributed.active():
+        return score(test)
+    rows = distributed.my_rows(len(test.ids))
+    local: torch.Tensor | None = None
+    with distributed.agree():
+        if rows.stop > rows.start:
+            local = score(slice_features(test, rows))
+    return distributed.all_gather_rows(local)
+
+
+def slice_features(features: Features, rows: slice) -> Features:
+    """The features of rows ``rows`` (views, no copy)."""
+    reps = features.representations
+    return Features(
+        features.ids[rows],
+        {name: block[rows] for name, block in features.blocks.items()},
+        None if reps is None else reps[rows],
+        features.losses[rows],
+    )
+
+
+def _layout(features: Features | None) -> list[tuple[str, int]] | None:
+    """Column layout of the flat row matrix: each block's width, then representations and the loss."""
+    if features is None:
+        return None
+    layout = [(name, block.shape[1]) for name, block in features.blocks.items()]
+    if features.representations is not None:
+        layout.append((_REPRESENTATIONS, features.representations.shape[1]))
+    return [*layout, (_LOSSES, 1)]
+
+
+def _flatten(features: Features, layout: list[tuple[str, int]]) -> torch.Tensor:
+    columns = {**features.blocks, _LOSSES: features.losses[:, None]}
+    if features.representations is not None:
+        columns[_REPRESENTATIONS] = features.representations
+    return torch.cat([columns[name].float() for name, _ in layout], dim=1)
+
+
+def _unflatten(flat: torch.Tensor, layout: list[tuple[str, int]], ids: list[str]) -> Features:
+    parts = dict(
+        zip(
+            [name for name, _ in layout],
+            torch.split(flat, [width for _, width in layout], dim=1),
+            strict=True,
+        )
+    )
+    reps = parts.pop(_REPRESENTATIONS, None)
+    losses = parts.pop(_LOSSES)
+    return Features(
+        ids,
+        {name: part.contiguous() for name, part in parts.items()},
+        None if reps is None else reps.contiguous(),
+        losses.flatten().contiguous(),
+    )
