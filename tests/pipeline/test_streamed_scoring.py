@@ -244,6 +244,17 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
         assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL, name
         assert rows[name]["accuracy"] == in_memory[name]["accuracy"], name
         assert rows[name]["coverage"] == in_memory[name]["coverage"], name
+    # scored again with nothing changed: every streamed file is reused (checked, not rewritten)
+    written = {path.name: path.stat().st_mtime_ns for path in (streamed / "scores").glob("*.safetensors")}
+    code, _, err = run_cli(
+        ["attribute", "--run", str(streamed), "--methods", methods, "--stream", "true", "--quiet"], capsys
+    )
+    assert code == 0, err
+    assert {p.name: p.stat().st_mtime_ns for p in (streamed / "scores").glob("*.safetensors")} == written
+    assert (
+        json.loads((streamed / "results.json").read_text())["methods"]["exact"]["accuracy"]
+        == rows["exact"]["accuracy"]
+    )
     for name in ("datainf", "lissa"):  # the iHVP comparison, from float32 transforms instead of float64
         for key in ("median", "max"):
             expected_error = in_memory[name]["ihvp_relative_error_vs_exact"][key]
