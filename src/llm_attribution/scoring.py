@@ -73,7 +73,6 @@ class AttributeSettings:
         "a killed run (0: after every block); results do not depend on it",
         recorded=False,
     )
-
     stream: bool = option(
         False,
         "score with the training features read from the store shard by shard and each score file written "
