@@ -285,16 +285,6 @@ def test_the_table_covers_every_bad_input_of_the_issue() -> None:
     assert len(covered) == len(CASES) == 23
 
 
-@pytest.mark.parametrize(
-    ("argv", "env", "needle"),
-    [
-        (["run", *TINY, "--model", HUB_ID], {"HF_ENDPOINT": DEAD_ENDPOINT}, "unreachable"),
-        # through a proxy that does not answer: no half-minute of retries either
-        (["run", *TINY, "--model", HUB_ID], {"HTTPS_PROXY": DEAD_ENDPOINT}, "unreachable"),
-        (["run", *TINY, "--epochs", "abc"], {}, "--epochs"),
-    ],
-    ids=["unreachable hub", "dead proxy", "bad option"],
-)
 def _cli_process(
     argv: list[str], env: dict[str, str], out: Path
 ) -> tuple[subprocess.CompletedProcess, float]:
@@ -316,6 +306,16 @@ def start_up_seconds(tmp_path_factory) -> float:  # type: ignore[no-untyped-def]
     return _cli_process(["run", *TINY, "--epochs", "abc"], {}, tmp_path_factory.mktemp("baseline") / "o")[1]
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["run", *TINY, "--model", HUB_ID], {"HF_ENDPOINT": DEAD_ENDPOINT}, "unreachable"),
+        # through a proxy that does not answer: no half-minute of retries either
+        (["run", *TINY, "--model", HUB_ID], {"HTTPS_PROXY": DEAD_ENDPOINT}, "unreachable"),
+        (["run", *TINY, "--epochs", "abc"], {}, "--epochs"),
+    ],
+    ids=["unreachable hub", "dead proxy", "bad option"],
+)
 def test_a_process_prints_one_line_and_no_traceback(
     argv, env, needle, tmp_path: Path, start_up_seconds
 ) -> None:
