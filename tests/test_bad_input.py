@@ -285,6 +285,27 @@ def test_the_table_covers_every_bad_input_of_the_issue() -> None:
     assert len(covered) == len(CASES) == 23
 
 
+def _cli_process(
+    argv: list[str], env: dict[str, str], out: Path
+) -> tuple[subprocess.CompletedProcess, float]:
+    clean = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_attribution", *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean | env,
+    )
+    return done, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def start_up_seconds(tmp_path_factory) -> float:  # type: ignore[no-untyped-def]
+    """Wall time of a process that fails at once (a bad option) on this machine, at its current load."""
+    return _cli_process(["run", *TINY, "--epochs", "abc"], {}, tmp_path_factory.mktemp("baseline") / "o")[1]
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "needle"),
     [
@@ -295,20 +316,14 @@ def test_the_table_covers_every_bad_input_of_the_issue() -> None:
     ],
     ids=["unreachable hub", "dead proxy", "bad option"],
 )
-def test_a_process_prints_one_line_and_no_traceback(argv, env, needle, tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "llm_attribution", *argv, "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean | env,
-    )
-    seconds = time.perf_counter() - start
+def test_a_process_prints_one_line_and_no_traceback(
+    argv, env, needle, tmp_path: Path, start_up_seconds
+) -> None:
+    done, seconds = _cli_process(argv, env, tmp_path / "out")
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert needle in done.stderr
     assert not (tmp_path / "out").exists()
-    # start-up of the interpreter and torch included (~5-10 s); the hub's own retries would add 45 s
-    assert seconds < 40
+    # Measured against the start-up of the interpreter and torch on this machine now (a loaded machine
+    # slows both alike): the hub's own retries would add about 45 s.
+    assert seconds < start_up_seconds + 25, (seconds, start_up_seconds)
