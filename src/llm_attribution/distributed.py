@@ -127,8 +127,18 @@ def init_from_env(use_cuda: bool) -> bool:
     return True
 
 
+SHUTDOWN_WAIT_S = 30.0
+
+
 def shutdown() -> None:
+    """Leave the group together: gloo aborts the process ("terminate called without an active exception")
+    when one rank tears its connections down while another is still destroying its own, so every rank
+    first waits for the others, at most ``SHUTDOWN_WAIT_S`` (a rank that is gone does not hold us)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            wait = datetime.timedelta(seconds=min(SHUTDOWN_WAIT_S, timeout().total_seconds()))
+            with contextlib.suppress(RuntimeError):
+                dist.monitored_barrier(timeout=wait)
         dist.destroy_process_group()
 
 
