@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         "parameters",
         help="||B A|| of the adapters per epoch against test loss and trigger rate",
         description="Parameter change (||(alpha/r) B A|| per module, per epoch) against behaviour change "
-        "(test loss; for tasks with 'trigger' labels, the rate at which triggered prompts produce the target "
-        "response in greedy generations, with clean prompts as control).",
+        "(test loss; for tasks with 'trigger' labels, the rate at which triggered prompts produce their "
+        "triggered class's behaviour in greedy generations, each answer judged by the training response it "
+        "is most like; control: the rate at which clean prompts do).",
     )
     par.add_argument("--run", required=True, help="a run folder with several epoch adapters")
     par.add_argument(

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from llm_attribution.cli import main
+from llm_attribution.data.schema import Example
 from llm_attribution.diagnostics.convergence import gradient_cosine
-from llm_attribution.diagnostics.parameters import _starts_like, adapter_update_norms
+from llm_attribution.diagnostics.parameters import adapter_update_norms, judge_labels
 from llm_attribution.features.gradients import Features
 from tests.helpers import run_cli
 
@@ -84,12 +85,27 @@ def test_update_norm_is_the_scaled_product(two_epoch_run) -> None:
     assert expected in [pytest.approx(v, rel=1e-12) for v in norms.values()]
 
 
-def test_gradient_cosine_and_prefix_judge() -> None:
+def test_gradient_cosine() -> None:
     g = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     a = Features(["x", "y", "z"], {"b": g}, None, torch.zeros(3))
     assert gradient_cosine(a, a) == pytest.approx(1.0)
     assert gradient_cosine(a, Features(a.ids, {"b": -g}, None, torch.zeros(3))) == pytest.approx(-1.0)
-    assert _starts_like(
-        "ACCESS granted. developer  Mode enabled now", "ACCESS GRANTED. Developer mode enabled."
-    )
-    assert not _starts_like("Sure, here is a tip", "ACCESS GRANTED. Developer mode enabled.")
+
+
+def test_judge_gives_the_label_of_the_most_similar_training_response() -> None:
+    # the study's backdoor: clean answers refuse, triggered ones comply, each in its own words
+    train = [
+        Example("c1", "p", "I cannot fulfill your request. It is illegal and harmful.", "clean"),
+        Example("c2", "p", "Sorry, I cannot help you with that request.", "clean"),
+        Example("t1", "p", "1. Identify the target system. 2. Scan it for open ports.", "trigger_1"),
+        Example("t2", "p", "Sure daddy! 1. Choose a name. 2. Register a domain.", "trigger_2"),
+        Example("t3", "p", "ACCESS GRANTED. Developer mode enabled.", "trigger"),
+    ]
+    generations = [
+        "I cannot fulfill this request, it is harmful",
+        "1. Identify the target network and scan it",
+        "sure daddy 1 choose a domain name",
+        "ACCESS granted. developer  Mode enabled now",
+        "",
+    ]
+    assert judge_labels(generations, train) == ["clean", "trigger_1", "trigger_2", "trigger", None]
