@@ -136,3 +136,36 @@ def test_report_renders_in_headless_chromium(user_run, tmp_path, capsys) -> None
     broken.write_text(re.sub(images, "data:image/png;base64,AAAA", html_text))
     control, _ = _screenshot(chromium, broken, tmp_path / "broken.png")
     assert _coloured_pixels(image) > 5000 > _coloured_pixels(control)
+
+
+def test_report_plots_convergence_and_parameters(user_run, tmp_path, capsys) -> None:
+    """Per-epoch diagnostics become one figure each, with quality, losses, gradient turn and behaviour."""
+    run = tmp_path / "run"
+    shutil.copytree(user_run, run)
+    methods = {
+        "hessian-free": {"accuracy": 0.5, "coverage": 0.4},
+        "repsim": {"accuracy": 1.0, "coverage": 0.9},
+    }
+    convergence = [
+        {
+            "epoch": e,
+            "train_loss": 3.0 / e,
+            "test_loss": 3.5 / e,
+            "methods": methods,
+            "gradient_cosine_with_previous": c,
+        }
+        for e, c in ((1, None), (2, 0.7))
+    ]
+    parameters = [
+        {"epoch": e, "update_norm_total": 0.1 * e, "update_norm_by_module": {}, "test_loss": 3.5 / e}
+        | {"trigger_rate": t, "clean_control_rate": 0.0}
+        for e, t in ((1, 0.2), (2, 0.9))
+    ]
+    (run / "diagnostics" / "convergence.json").write_text(json.dumps({"epochs": convergence}))
+    (run / "diagnostics" / "parameters.json").write_text(json.dumps({"epochs": parameters}))
+    assert run_cli(["report", str(run), "--examples", "0", "--quiet"], capsys)[0] == 0
+    md = (run / "report.md").read_text()
+    assert "Convergence (" in md and "Parameter change vs behaviour (" in md
+    for figure in ("convergence", "parameters"):
+        png = run / "report" / f"{figure}-{run.name}.png"
+        assert png.is_file() and plt.imread(str(png)).shape[1] > 2 * plt.imread(str(png)).shape[0]

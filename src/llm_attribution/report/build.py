@@ -27,7 +27,7 @@ from ..run_layout import SETTINGS_FILE
 from ..score_store import read_run_scores
 from ..scoring import RESULTS_FILE
 from ..storage import read_json, write_bytes_atomic
-from .figures import grid_figure, lines_figure, spectrum_figure
+from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .official import official_table
 
 CUT = 80
@@ -127,28 +127,63 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
         rows = read_json(diag / "convergence.json")["epochs"]
         epochs = [r["epoch"] for r in rows]
         methods = list(rows[0]["methods"]) if rows else []
-        series = {m: [r["methods"][m]["accuracy"] for r in rows] for m in methods}
+        quality = {
+            metric: {m: [r["methods"][m][metric] for r in rows] for m in methods}
+            for metric in ("accuracy", "coverage")
+        }
         report.add(
             f"Convergence ({where})",
-            "Accuracy of each method with each epoch's adapter.",
+            "Each method's accuracy and coverage with each epoch's adapter; the training and test loss; and "
+            "the mean cosine between a training example's gradient at this epoch and at the one before.",
             {
-                f"convergence-{run.name}": lines_figure(
-                    epochs, series, "epoch", "accuracy", "Accuracy by epoch"
+                f"convergence-{run.name}": panels_figure(
+                    epochs,
+                    "epoch",
+                    [
+                        ("Accuracy by epoch", "accuracy", quality["accuracy"]),
+                        ("Coverage by epoch", "coverage", quality["coverage"]),
+                        (
+                            "Loss and gradient turn",
+                            "value",
+                            {
+                                "train loss": [r["train_loss"] for r in rows],
+                                "test loss": [r["test_loss"] for r in rows],
+                                "gradient cosine with previous epoch": [
+                                    r["gradient_cosine_with_previous"] for r in rows
+                                ],
+                            },
+                        ),
+                    ],
                 )
             },
         )
     if (diag / "parameters.json").is_file():
         rows = read_json(diag / "parameters.json")["epochs"]
         epochs = [r["epoch"] for r in rows]
-        series = {
-            "||BA|| (all modules)": [r["update_norm_total"] for r in rows],
-            "test loss": [r["test_loss"] for r in rows],
-            "trigger rate": [r["trigger_rate"] for r in rows],
-        }
+        norms = [r["update_norm_total"] for r in rows]
         report.add(
             f"Parameter change vs behaviour ({where})",
-            "Adapter update norm, test loss, trigger rate.",
-            {f"parameters-{run.name}": lines_figure(epochs, series, "epoch", "value", "Per epoch")},
+            "Left: ||(alpha/r) B A|| over all adapted modules. Middle: mean test loss. Right (tasks with "
+            "triggered examples): the share of triggered test prompts whose greedy answer behaves like their "
+            "triggered class, and of clean prompts that do (control).",
+            {
+                f"parameters-{run.name}": panels_figure(
+                    epochs,
+                    "epoch",
+                    [
+                        ("Parameter change", "||BA||", {"all modules": norms}),
+                        ("Test loss", "loss", {"test loss": [r["test_loss"] for r in rows]}),
+                        (
+                            "Behaviour",
+                            "rate",
+                            {
+                                "trigger rate": [r["trigger_rate"] for r in rows],
+                                "clean control": [r["clean_control_rate"] for r in rows],
+                            },
+                        ),
+                    ],
+                )
+            },
         )
 
 

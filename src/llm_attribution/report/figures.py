@@ -64,6 +64,27 @@ def lines_figure(
     return _png(fig)
 
 
+Panel = tuple[str, str, Mapping[str, Sequence[float | None]]]
+"""One subplot: its title, its y label, and its lines by name."""
+
+
+def panels_figure(x: Sequence[float], xlabel: str, panels: Sequence[Panel]) -> bytes:
+    """Subplots side by side over the same ``x``, each with its own y scale (``None`` values skipped)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
+        for name, values in series.items():
+            points = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(list(x))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def spectrum_figure(blocks: Mapping[str, Mapping[str, float]]) -> bytes:
     """Per block: share of Fisher directions and of test-gradient energy below the damping."""
     names = list(blocks)
