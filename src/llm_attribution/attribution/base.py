@@ -42,20 +42,36 @@ REPRESENTATION = "representation"
 _BUILTIN_MODULES = ("hessian_free", "datainf", "exact", "lissa", "repsim")
 
 
+PRODUCT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class MethodSettings:
-    """Settings every method shares: how many rows one matrix product handles at a time."""
+    """Settings every method shares: how many rows one matrix product handles at a time, and in what
+    precision the products with the training gradients run."""
 
     chunk_size: int = option(
         1024,
         "rows (test or train examples) per matrix product; bounds peak memory to ~chunk^2 + chunk*d "
         "(streamed LiSSA keeps a block's d x d Fisher when d <= chunk, else reads the store every step)",
     )
+    product_dtype: str = option(
+        "float32",
+        "precision of the final products of (transformed) test gradients with training gradients, and of "
+        "DataInf's own products: float32, or bfloat16 (inputs rounded to bf16, each block's products "
+        "summed in float32; several times faster on CPUs with AMX and on GPUs, scores good to about 3 "
+        "digits, so near-ties may swap)",
+        choices=tuple(PRODUCT_DTYPES),
+    )
 
     def __post_init__(self) -> None:
         require_positive("chunk_size", self.chunk_size)
         if not isinstance(self.chunk_size, int):
             raise ConfigError(f"--chunk-size must be an integer, got {self.chunk_size!r}")
+        if self.product_dtype not in PRODUCT_DTYPES:
+            raise ConfigError(
+                f"product_dtype must be one of {', '.join(PRODUCT_DTYPES)}, got {self.product_dtype!r}"
+            )
 
 
 class Method(ABC):
@@ -71,6 +87,20 @@ class Method(ABC):
         if not isinstance(settings, self.Settings):
             raise ConfigError(f"{self.name} expects {self.Settings.__name__}, got {type(settings).__name__}")
         self.settings = settings
+
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b.T`` in ``a``'s dtype, computed in the settings' ``product_dtype``."""
+        low = PRODUCT_DTYPES[self.settings.product_dtype]
+        if low is None:
+            return a @ b.T
+        return (a.to(low) @ b.to(low).T).to(a.dtype)
+
+    def add_product(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha * a @ b.T`` in place, the product computed in the settings' ``product_dtype``."""
+        if PRODUCT_DTYPES[self.settings.product_dtype] is None:
+            out.addmm_(a, b.T, alpha=alpha)
+        else:
+            out.add_(self.product(a, b).to(out.dtype), alpha=alpha)
 
     def chunks(self, n: int) -> Iterator[slice]:
         """Consecutive row slices of at most ``chunk_size`` rows covering ``range(n)``."""
@@ -138,7 +168,7 @@ class InnerProductMethod(AttributionMethod):
                 continue
             transformed = self.transform_test(name, g_train, test[name].to(device=device, dtype=dtype))
             for rows in self.chunks(n_test):
-                out[rows].addmm_(transformed[rows], g_train.T)
+                self.add_product(out[rows], transformed[rows], g_train)
             if after_block is not None and index + 1 < len(names):
                 after_block(PartialScores(index + 1, out))
         return out.to(torch.float32)
@@ -173,7 +203,7 @@ class InnerProductMethod(AttributionMethod):
         device = next(iter(transformed.values())).device if transformed else torch.device("cpu")
         out = torch.zeros(n_test, n_chunk, dtype=dtype, device=device)
         for name, t in transformed.items():  # the training blocks' order, as in score()
-            out.addmm_(t, chunk[name].to(device=device, dtype=dtype).T)
+            self.add_product(out, t, chunk[name].to(device=device, dtype=dtype))
         return out.to(torch.float32)
 
     def score_streamed(self, train: TrainPasses, test: GradientBlocks) -> Iterator[torch.Tensor]:

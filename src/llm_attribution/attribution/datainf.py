@@ -58,8 +58,8 @@ class DataInf(InnerProductMethod):
             acc = v * n
             for cols in self.chunks(n):
                 g = train_block[cols]
-                coefficients = (v @ g.T) / denominators[cols]  # (g_i . v) / (lambda + ||g_i||^2)
-                acc.addmm_(coefficients, g, alpha=-1.0)
+                coefficients = self.product(v, g) / denominators[cols]  # (g_i . v) / (lambda + ||g_i||^2)
+                self.add_product(acc, coefficients, g.T, alpha=-1.0)
             out[rows] = acc / (n * lam)
         return out
 
@@ -73,6 +73,6 @@ class DataInf(InnerProductMethod):
         for chunk in train:
             for name, v in tests.items():
                 g = chunk[name].to(device=v.device, dtype=dtype)
-                coefficients = (v @ g.T) / (damping[name] + g.square().sum(dim=1))
-                sums[name].addmm_(coefficients, g, alpha=-1.0)
+                coefficients = self.product(v, g) / (damping[name] + g.square().sum(dim=1))
+                self.add_product(sums[name], coefficients, g.T, alpha=-1.0)
         return {name: total / (n * damping[name]) for name, total in sums.items()}
