@@ -41,7 +41,9 @@ format: install
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
 
+# Each script replaces its own section of docs/benchmarks.md (between its markers) and leaves the rest.
 bench: install
 	$(BIN)/python benchmarks/bench.py --out docs/benchmarks.md
-	# Replaces its own section of docs/benchmarks.md: run it after bench.py, which rewrites the file.
 	$(BIN)/python benchmarks/scaling.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/distributed.py --model embedded --train 64 --test 8 --epochs 1 --repeats 1 \
+		--skip-default-threads --out docs/benchmarks.md

@@ -13,6 +13,7 @@ records (finetune.json, results.json).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from sections import write_section
 
 METHODS = ("hessian-free", "datainf", "lissa", "exact", "repsim")
 
@@ -83,6 +85,7 @@ def main() -> None:
         help="leave out the 1-process run with torch's default threads (very slow on a busy machine)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--out", type=Path, default=None, help="put a Markdown section into this file")
     options = parser.parse_args()
     args = ["--task", options.task, "--model", options.model, "--train-limit", str(options.train)]
     args += ["--test-limit", str(options.test), "--epochs", str(options.epochs), "--device", "cpu"]
@@ -119,6 +122,41 @@ def main() -> None:
     )
     if options.json:
         options.json.write_text(json.dumps(record, indent=2) + "\n")
+    if options.out:
+        write_section(options.out, "distributed", markdown(record, options, list(configurations)))
+
+
+def markdown(record: dict[str, Any], options: argparse.Namespace, names: list[str]) -> str:
+    """The section of docs/benchmarks.md: stage times per configuration, speed-up, score agreement."""
+    median = record["median_seconds"]
+    one, many = names[-2] if len(names) > 2 else names[0], names[-1]
+    flags = f"--model {options.model} --task {options.task} --train {options.train} --test {options.test}"
+    flags += f" --epochs {options.epochs} --repeats {options.repeats}"
+    flags += " --skip-default-threads" if options.skip_default_threads else ""
+    lines = [
+        f"## Several processes: `torchrun --nproc-per-node {options.processes}` (gloo, CPU)",
+        "",
+        f"Measured by `make bench` (`python benchmarks/distributed.py {flags}`) on "
+        f"{datetime.date.today().isoformat()}, {record['cpus']} CPU cores, torch {torch.__version__}, load "
+        f"average {record['load_average'][0]:.1f} when it finished. Medians of {options.repeats} alternating "
+        f"run(s) of `{record['command']}`.",
+        "",
+        "| stage | " + " | ".join(f"{name} (s)" for name in names) + f" | speed-up, {many} vs {one} |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    labels = {"wall_s": "whole run (wall)", "finetune_s": "fine-tuning", "features_s": "gradient collection"}
+    labels["scoring_s"] = "scoring"
+    for key, label in labels.items():
+        cells = " | ".join(f"{median[name][key]:.1f}" for name in names)
+        lines.append(f"| {label} | {cells} | {median[one][key] / median[many][key]:.2f}x |")
+    lines += [
+        "",
+        f"Largest relative difference of any method's score matrix between the {many} and the "
+        f"{names[0]} run: {record['max_relative_score_difference']:.1e} (float32 summation order; the CI "
+        "test `tests/pipeline/test_distributed.py` bounds it on the tiny model). Each process loads the model "
+        "once, which at this size is much of the wall time.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
+from sections import write_section
 
 SIZES = (1_000, 10_000, 100_000)
 N_TEST = 100
@@ -47,7 +48,6 @@ SHAPES = {
     "v_proj.lora_B": (192, 4),
 }
 METHODS = ("hessian-free", "datainf", "lissa", "exact", "repsim")
-BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 
 
 class Lazy(Sequence[Any]):
@@ -204,7 +204,6 @@ def report(rows: list[dict[str, Any]], dim: int, threads: int, command: str) -> 
     rss_ratio = last["peak_rss_mib"] / first["peak_rss_mib"]
     headers = " | ".join(f"{name} µs" for name in METHODS)
     lines = [
-        BEGIN,
         "## Scaling: streamed scoring from 10^3 to 10^5 training examples",
         "",
         f"Measured by `make bench` (`{command}`) on {today}, on {machine(threads)}.",
@@ -240,21 +239,8 @@ def report(rows: list[dict[str, Any]], dim: int, threads: int, command: str) -> 
         "accumulate each block's d x d Fisher in one pass (d = the projected width), so lissa's 100 steps "
         "read no more training data. The score files themselves (n_test x n_train float32) are on disk, "
         "not in memory; metrics are judged from them a few rows at a time.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the scaling section of ``path`` (or append it), leaving the rest of the file as it is."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main() -> None:
@@ -285,7 +271,7 @@ def main() -> None:
     )
     section = report(rows, args.projection_dim, args.threads, command)
     print(section)
-    write_section(Path(args.out), section)
+    write_section(Path(args.out), "scaling", section)
 
 
 if __name__ == "__main__":
