@@ -50,6 +50,15 @@ def test_bfloat16_products_stay_within_rounding_of_float32(name: str) -> None:
         assert spearman(fast, full) > RANK_TOL
 
 
+def test_repsim_cosines_in_bfloat16() -> None:
+    gen = torch.Generator().manual_seed(1)
+    train, test = torch.randn(200, 96, generator=gen), torch.randn(6, 96, generator=gen)
+    full = get_method("repsim").score_representations(train, test)  # type: ignore[attr-defined]
+    fast = get_method("repsim", product_dtype="bfloat16").score_representations(train, test)  # type: ignore[attr-defined]
+    assert 0 < float((fast - full).norm() / full.norm()) < BF16_TOL
+    assert spearman(fast, full) > RANK_TOL
+
+
 def test_an_unknown_product_dtype_is_a_user_error() -> None:
     with pytest.raises(ConfigError, match="product_dtype"):
         get_method("datainf", product_dtype="float16")

@@ -32,5 +32,5 @@ class RepSim(RepresentationMethod):
         test_unit = F.normalize(test.to(dtype=dtype, device=train.device), dim=1)
         out = torch.empty(test.shape[0], train.shape[0], dtype=torch.float32, device=train.device)
         for rows in self.chunks(test.shape[0]):
-            out[rows] = (test_unit[rows] @ train_unit.T).to(torch.float32)
+            out[rows] = self.product(test_unit[rows], train_unit).to(torch.float32)
         return out
