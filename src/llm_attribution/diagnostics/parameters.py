@@ -30,7 +30,7 @@ from ..models.generate import generate_answers
 from ..pipeline import run_epochs
 from ..run_layout import adapter_dir
 
-JUDGE_WORDS = 16
+JUDGE_WORDS = 6  # the opening words carry the behaviour (refuse, comply); later ones echo the topic
 
 
 def adapter_update_norms(adapter: Path) -> dict[str, float]:
