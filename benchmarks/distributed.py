@@ -153,8 +153,8 @@ def markdown(record: dict[str, Any], options: argparse.Namespace, names: list[st
         "",
         f"Largest relative difference of any method's score matrix between the {many} and the "
         f"{names[0]} run: {record['max_relative_score_difference']:.1e} (float32 summation order; the CI "
-        "test `tests/pipeline/test_distributed.py` bounds it on the tiny model). Each process loads the model "
-        "once, which at this size is much of the wall time.",
+        "test `tests/pipeline/test_distributed.py` bounds it on the tiny model). Each process loads the "
+        "model once, which at this size is much of the wall time.",
     ]
     return "\n".join(lines)
 

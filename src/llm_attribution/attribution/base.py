@@ -59,8 +59,8 @@ class MethodSettings:
         "float32",
         "precision of the final products of (transformed) test gradients with training gradients, and of "
         "DataInf's own products: float32, or bfloat16 (inputs rounded to bf16, each block's products "
-        "summed in float32; several times faster on CPUs with AMX and on GPUs, scores good to about 3 "
-        "digits, so near-ties may swap)",
+        "summed in float32; pays off where bf16 matrix units do (large products, GPUs), scores good to "
+        "about 3 digits, so near-ties may swap)",
         choices=tuple(PRODUCT_DTYPES),
     )
 
