@@ -53,15 +53,22 @@ def lines_figure(
         ax.set_xscale("log")
     if "y" in log:
         ax.set_yscale("log")
+    _lines(ax, x, series, xlabel, ylabel)
+    ax.set_title(title)
+    return _png(fig)
+
+
+def _lines(
+    ax: Any, x: Sequence[float], series: Mapping[str, Sequence[float | None]], xlabel: str, ylabel: str
+) -> None:
+    """One line per series over ``x``, skipping ``None`` values, with axis labels and a legend."""
     for name, values in series.items():
         points = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.legend(fontsize=7)
-    return _png(fig)
 
 
 Panel = tuple[str, str, Mapping[str, Sequence[float | None]]]
@@ -72,15 +79,9 @@ def panels_figure(x: Sequence[float], xlabel: str, panels: Sequence[Panel]) -> b
     """Subplots side by side over the same ``x``, each with its own y scale (``None`` values skipped)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
-        for name, values in series.items():
-            points = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        _lines(ax, x, series, xlabel, ylabel)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(list(x))
-        ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
