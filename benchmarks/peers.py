@@ -554,21 +554,7 @@ def peer_row(
     labels: tuple[list[str], list[str]],
     ours: dict[str, np.ndarray],
 ) -> Row:
-    """The table's line for one method of a peer (with the machine's load while it ran)."""
-    row = _peer_row(peer, installed, method, done, out, labels, ours)
-    row.load = done.load if done is not None else None
-    return row
-
-
-def _peer_row(
-    peer: Peer,
-    installed: Installed,
-    method: str,
-    done: Measured | None,
-    out: Path,
-    labels: tuple[list[str], list[str]],
-    ours: dict[str, np.ndarray],
-) -> Row:
+    """The table's line for one method of a peer (the caller adds the machine's load while it ran)."""
     meta = read_meta(out)
     version = str(meta.get("version") or peer.version or "?")
     shown = str(meta.get("method") or method or "—")
@@ -754,7 +740,9 @@ def main() -> None:
     for peer in peers:
         installed = installs[peer.name]
         for method, done, out in measured[peer.name]:
-            rows.append(peer_row(peer, installed, method, done, out, labels, ours))
+            row = peer_row(peer, installed, method, done, out, labels, ours)
+            row.load = done.load if done is not None else None  # the machine's load while it ran
+            rows.append(row)
             peer_meta = read_meta(out)
             label = f"{peer.name} {peer_meta.get('method') or method}".strip()
             if peer_meta.get("stages"):

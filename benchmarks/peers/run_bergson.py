@@ -31,7 +31,7 @@ Methods (``--method``):
   fp32: ``<g_train, g_test>`` over the LoRA parameters. This is our ``hessian-free`` method, exactly.
 * ``ekfac``: ``bergson ekfac`` (``hessian_pipeline``): KFAC factors with eigenvalue correction (EK-FAC) fit
   on the training set with the dataset labels (the empirical Fisher, as ours), the damped inverse
-  ``1 / (lambda + c * mean(lambda))`` with ``c = --damping`` (0.1, Bergson's default and our ``exact``
+  ``1 / (lambda + c * mean(lambda))`` with ``c = DAMPING`` (0.1, Bergson's default and our ``exact``
   method's 0.1 x mean squared gradient) applied to every query gradient, then scored against the raw
   training gradients. The closest Bergson has to our inverse-Fisher methods; it has no DataInf.
 
@@ -50,13 +50,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+from common import Output, Stages, run_main
 
 PEER = "bergson"
 # Bergson's own dependencies, less torchvision, torchaudio and bitsandbytes (see the docstring); the
@@ -84,7 +84,8 @@ INSTALL_NOTE = (
     "dependencies, torchopt included (the EK-FAC pipeline imports it), are installed normally"
 )
 METHODS = ("grad-dot", "ekfac")
-DEFAULT_METHOD = "grad-dot"
+BATCH_SIZE = 8  # examples per forward/backward pass
+DAMPING = 0.1  # ekfac: damping relative to the mean eigenvalue, as ours
 SIGN_NOTE = (
     "Bergson's scores (higher_is_better=True) are <g_train, g_test> (grad-dot) or <g_train, H^-1 g_test> "
     "(EK-FAC) over loss gradients: positive = proponent = a step on the training example lowers the test "
@@ -92,26 +93,7 @@ SIGN_NOTE = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--inputs", type=Path, required=True, help="folder with model/, adapter/, train.pt, test.pt"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="folder for scores.npy and meta.json")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
-    parser.add_argument("--batch-size", type=int, default=8, help="most examples per forward/backward pass")
-    parser.add_argument(
-        "--damping", type=float, default=0.1, help="ekfac: damping relative to the mean eigenvalue"
-    )
-    parser.add_argument("--keep-work", action="store_true", help="keep Bergson's index and score folders")
-    return parser.parse_args(argv)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run(args: argparse.Namespace, work: Path, stages: dict[str, float]) -> dict[str, Any]:
+def run(args: argparse.Namespace, work: Path, stages: dict[str, float]) -> Output:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -217,21 +199,20 @@ def run(args: argparse.Namespace, work: Path, stages: dict[str, float]) -> dict[
     if matrix.shape != (n_train, n_test):
         raise RuntimeError(f"Bergson wrote scores of shape {matrix.shape}, expected {(n_train, n_test)}")
     scores = np.ascontiguousarray(matrix.T).astype(np.float32)
-    if not np.isfinite(scores).all():
-        raise RuntimeError(f"Bergson returned {int((~np.isfinite(scores)).sum())} non-finite scores")
-    np.save(args.out / "scores.npy", scores)
-    stages["write"] = time.perf_counter() - start
-    return {
-        "peer": PEER,
-        "version": bergson.__version__,
-        "method": method,
-        "method_key": args.method,
-        "sign_note": SIGN_NOTE,
-        "options": options,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-    }
+    stages["read scores"] = time.perf_counter() - start
+    return Output(
+        scores,
+        {
+            "peer": PEER,
+            "version": bergson.__version__,
+            "method": method,
+            "method_key": args.method,
+            "sign_note": SIGN_NOTE,
+            "options": options,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def write_dataset(dataset_cls: Any, data: dict[str, Any], path: Path) -> str:
@@ -245,31 +226,12 @@ def write_dataset(dataset_cls: Any, data: dict[str, Any], path: Path) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for stale in ("scores.npy", "meta.json", "error.txt"):
-        (args.out / stale).unlink(missing_ok=True)
-    work = (args.out / "bergson-work").resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    stages: dict[str, float] = {}
-    try:
-        meta = run(args, work, stages)
-    except BaseException as exc:  # the harness needs the reason, whatever it is
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        traceback.print_exc()
-        last = (traceback.format_exception_only(type(exc), exc)[-1]).strip()
-        (args.out / "error.txt").write_text(f"{PEER} ({args.method}) failed: {last}\n")
-        return 1
-    finally:
-        if not args.keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    meta["stages"] = {name: round(seconds, 3) for name, seconds in stages.items()}
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return 0
+def body(inputs: Path, method: str, stages: Stages) -> Output:
+    """The harness's entry (via ``common.run_main``): Bergson, in a scratch folder removed after."""
+    args = argparse.Namespace(inputs=inputs, method=method, batch_size=BATCH_SIZE, damping=DAMPING)
+    with tempfile.TemporaryDirectory(prefix="bergson-") as work:
+        return run(args, Path(work).resolve(), stages.seconds)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(__doc__.splitlines()[0], METHODS, body)

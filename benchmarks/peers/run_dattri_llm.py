@@ -19,7 +19,7 @@ Methods (``--method``):
   (activation, output-gradient) factors its hooks capture), so it should agree with a brute-force
   grad-dot to float precision.
 * ``ekfac``: ``EKFACAttributor``: ``g_test^T (F_ekfac + lambda I)^-1 g_train`` per LoRA matrix, with the
-  EK-FAC Fisher fit on the training gradients and ``relative_damping`` (lambda = ``--damping`` x the
+  EK-FAC Fisher fit on the training gradients and ``relative_damping`` (lambda = ``DAMPING`` x the
   layer's mean corrected eigenvalue), the analogue of our ``exact`` method's damping (0.1 x the mean squared
   training gradient per block). The closest dattri-llm has to our inverse-Fisher methods; it has no
   DataInf or LiSSA.
@@ -38,15 +38,13 @@ frozen, and dattri-llm hooks only trainable layers (``lora_A`` / ``lora_B``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import shutil
-import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+from common import Output, Stages, run_main
 
 PEER = "dattri-llm"
 PIP_REQUIREMENTS = ["dattri-llm==0.1.0"]
@@ -57,7 +55,8 @@ INSTALL_NOTE = (
     "unprojected methods and is not installed"
 )
 METHODS = ("grad-dot", "ekfac")
-DEFAULT_METHOD = "grad-dot"
+BATCH_SIZE = 8  # examples per forward/backward pass
+DAMPING = 0.1  # ekfac: damping relative to the mean eigenvalue, as ours
 SIGN_NOTE = (
     "dattri-llm's score is <g_test, g_train> (TracIn) or g_test^T F^-1 g_train (EK-FAC) over loss "
     "gradients: positive = a step on the training example lowers the test loss = supports. "
@@ -65,25 +64,7 @@ SIGN_NOTE = (
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--inputs", type=Path, required=True, help="folder with model/, adapter/, train.pt, test.pt"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="folder for scores.npy and meta.json")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward pass")
-    parser.add_argument(
-        "--damping", type=float, default=0.1, help="ekfac: damping relative to the mean eigenvalue"
-    )
-    return parser.parse_args(argv)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run(args: argparse.Namespace, workdir: Path, stages: dict[str, float]) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path, stages: dict[str, float]) -> Output:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask a hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     start = time.perf_counter()
@@ -164,21 +145,20 @@ def run(args: argparse.Namespace, workdir: Path, stages: dict[str, float]) -> di
     rows = reorder(list(score.row_train_ids), hash_batch(keys(train), len(train["ids"])), "train")
     cols = reorder(list(score.test_ids), hash_batch(keys(test), len(test["ids"])), "test")
     scores = matrix[rows][:, cols].T.contiguous().numpy().astype(np.float32)
-    if not np.isfinite(scores).all():
-        raise RuntimeError(f"dattri-llm returned {int((~np.isfinite(scores)).sum())} non-finite scores")
-    np.save(args.out / "scores.npy", scores)
-    stages["write"] = time.perf_counter() - start
-    return {
-        "peer": PEER,
-        "version": dattri_llm.__version__,
-        "method": method,
-        "method_key": args.method,
-        "sign_note": SIGN_NOTE,
-        "options": options,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-    }
+    stages["read scores"] = time.perf_counter() - start
+    return Output(
+        scores,
+        {
+            "peer": PEER,
+            "version": dattri_llm.__version__,
+            "method": method,
+            "method_key": args.method,
+            "sign_note": SIGN_NOTE,
+            "options": options,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    )
 
 
 def keys(data: dict[str, Any]) -> dict[str, Any]:
@@ -198,29 +178,12 @@ def reorder(got: list[str], expected: list[str], side: str) -> list[int]:
     return [position[h] for h in expected]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for stale in ("scores.npy", "meta.json", "error.txt"):
-        (args.out / stale).unlink(missing_ok=True)
-    workdir = (args.out / "dattri-llm-work").resolve()  # where dattri-llm saves its AttributionScore
-    shutil.rmtree(workdir, ignore_errors=True)
-    stages: dict[str, float] = {}
-    try:
-        meta = run(args, workdir, stages)
-    except BaseException as exc:  # the harness needs the reason, whatever it is
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        traceback.print_exc()
-        last = (traceback.format_exception_only(type(exc), exc)[-1]).strip()
-        (args.out / "error.txt").write_text(f"{PEER} ({args.method}) failed: {last}\n")
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    meta["stages"] = {name: round(seconds, 3) for name, seconds in stages.items()}
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return 0
+def body(inputs: Path, method: str, stages: Stages) -> Output:
+    """The harness's entry (via ``common.run_main``): dattri-llm, in a scratch folder removed after."""
+    args = argparse.Namespace(inputs=inputs, method=method, batch_size=BATCH_SIZE, damping=DAMPING)
+    with tempfile.TemporaryDirectory(prefix="dattri-llm-") as work:
+        return run(args, Path(work).resolve(), stages.seconds)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(__doc__.splitlines()[0], METHODS, body)
