@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from llm_attribution.attribution.base import AttributionMethod, PartialScores, get_method
+from llm_attribution.attribution.base import AttributionMethod, InnerProductMethod, PartialScores, get_method
 
 Blocks = dict[str, torch.Tensor]
 
@@ -189,11 +189,32 @@ def test_scoring_resumed_after_any_block_is_bit_identical(name: str, monkeypatch
     assert [p.blocks_done for p in kept] == [1, 2, 3]
     assert torch.equal(whole, method.score(train, test))
     calls: list[str] = []
-    original = method.transform_test
+    original = method.transform_test_group
     monkeypatch.setattr(
-        method, "transform_test", lambda block, *args: calls.append(block) or original(block, *args)
+        method, "transform_test_group", lambda group: calls.extend(group.names) or original(group)
     )
     for partial in kept:
         calls.clear()
         assert torch.equal(method.accumulate(train, test, partial), whole)
         assert calls == [f"b{i}" for i in range(partial.blocks_done, 4)]
+
+
+@pytest.mark.parametrize("name", ["hessian-free", "datainf", "exact"])
+def test_grouped_bfloat16_scoring_resumes_at_group_boundaries_only(name: str) -> None:
+    """With bf16 products, blocks of equal width are scored as one group: checkpoints fall after whole
+    groups, resuming from one gives the same bits, and a sum that ends inside a group is not used."""
+    rng = torch.Generator().manual_seed(6)
+    widths = [7, 9, 7, 9, 7]
+    train = {f"b{i}": torch.randn(12, w, generator=rng) for i, w in enumerate(widths)}
+    test = {k: torch.randn(3, v.shape[1], generator=rng) for k, v in train.items()}
+    method = get_method(name, product_dtype="bfloat16")
+    assert isinstance(method, InnerProductMethod)
+    assert method.block_groups(train, list(train)) == [["b0", "b2", "b4"], ["b1", "b3"]]
+    kept: list[PartialScores] = []
+    whole = method.accumulate(
+        train, test, after_block=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
+    )
+    assert [p.blocks_done for p in kept] == [3]
+    assert torch.equal(method.accumulate(train, test, kept[0]), whole)
+    inside = PartialScores(1, torch.full_like(kept[0].sum, 1e6))  # not a group boundary: ignored
+    assert torch.equal(method.accumulate(train, test, inside), whole)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import logging
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -28,7 +29,8 @@ import torch
 from ..errors import ConfigError, DataError
 from ..progress import progress
 from ..settings import option, require_positive
-from .streaming import TrainPasses
+from .grouping import stack_rows, width_groups
+from .streaming import TrainPasses, row_norms_squared
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,9 @@ class MethodSettings:
     product_dtype: str = option(
         "float32",
         "precision of the final products of (transformed) test gradients with training gradients, and of "
-        "DataInf's own products: float32, or bfloat16 (inputs rounded to bf16, each block's products "
-        "summed in float32; pays off where bf16 matrix units do (large products, GPUs), scores good to "
-        "about 3 digits, so near-ties may swap)",
+        "DataInf's own products: float32, or bfloat16 (inputs rounded to bf16, blocks of equal width "
+        "batched, each block's products summed in float32; pays off where bf16 matrix units do: CPUs with "
+        "AMX, GPUs; scores good to about 3 digits, so near-ties may swap)",
         choices=tuple(PRODUCT_DTYPES),
     )
 
@@ -88,19 +90,27 @@ class Method(ABC):
             raise ConfigError(f"{self.name} expects {self.Settings.__name__}, got {type(settings).__name__}")
         self.settings = settings
 
-    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b.T`` in ``a``'s dtype, computed in the settings' ``product_dtype``."""
-        low = PRODUCT_DTYPES[self.settings.product_dtype]
-        if low is None:
-            return a @ b.T
-        return (a.to(low) @ b.to(low).T).to(a.dtype)
+    @property
+    def low_precision(self) -> torch.dtype | None:
+        """The dtype products run in when it is below the inputs' (bf16), else None (the inputs' own)."""
+        return PRODUCT_DTYPES[self.settings.product_dtype]
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``a @ b^T`` (matrices, or batches of them: ``[B, m, d]`` and ``[B, n, d]`` give ``[B, m, n]``)
+        computed in the settings' ``product_dtype``, returned in ``dtype`` (default: ``a``'s)."""
+        low = self.low_precision
+        out = a @ b.mT if low is None else a.to(low) @ b.to(low).mT
+        return out.to(a.dtype if dtype is None else dtype)
 
     def add_product(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-        """``out += alpha * a @ b.T`` in place, the product computed in the settings' ``product_dtype``."""
-        if PRODUCT_DTYPES[self.settings.product_dtype] is None:
-            out.addmm_(a, b.T, alpha=alpha)
+        """``out += alpha * a @ b^T`` in place (matrices or batches), computed in ``product_dtype``."""
+        if self.low_precision is None and a.dtype == b.dtype == out.dtype:
+            if out.ndim == 2:
+                out.addmm_(a, b.T, alpha=alpha)
+            else:
+                out.baddbmm_(a, b.mT, alpha=alpha)
         else:
-            out.add_(self.product(a, b).to(out.dtype), alpha=alpha)
+            out.add_(self.product(a, b, dtype=out.dtype), alpha=alpha)
 
     def chunks(self, n: int) -> Iterator[slice]:
         """Consecutive row slices of at most ``chunk_size`` rows covering ``range(n)``."""
@@ -139,6 +149,23 @@ class InnerProductMethod(AttributionMethod):
         Implementations chunk over rows themselves, so per-block work (a factorisation) is done once.
         """
 
+    def transform_test_group(self, group: BlockGroup) -> torch.Tensor:
+        """:meth:`transform_test` of a group of blocks of equal width: ``[B, m, d]`` in the compute dtype.
+
+        This default transforms one block at a time; methods whose own products batch over blocks
+        override it and use ``group.stacked_train``.
+        """
+        return torch.stack(
+            [self.transform_test(name, group.train[name], group.test[name]) for name in group.names]
+        )
+
+    def block_groups(self, train: GradientBlocks, names: Sequence[str]) -> list[list[str]]:
+        """The blocks scored together (:func:`~.grouping.width_groups`): equal widths batched when the
+        products run in a lower precision (the stacking copy is then the rounding), else one by one."""
+        rows = train[names[0]].shape[0]
+        widths = {name: train[name].shape[1] for name in names}
+        return width_groups(widths, rows, self.settings.chunk_size, batched=self.low_precision is not None)
+
     def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
         return self.accumulate(train, test)
@@ -150,28 +177,45 @@ class InnerProductMethod(AttributionMethod):
         partial: PartialScores | None = None,
         after_block: Callable[[PartialScores], None] | None = None,
     ) -> torch.Tensor:
-        """:meth:`score`, block by block from ``partial`` (the sum over the first blocks, as ``after_block``
-        was given it), so that scoring interrupted after any block resumes there with identical results."""
+        """:meth:`score`, group of blocks by group from ``partial`` (the sum over the blocks of the first
+        groups, as ``after_block`` was given it), so that scoring interrupted after any group resumes there
+        with identical results. A partial sum that does not end on a group boundary is not used."""
         names, n_train, n_test = check_blocks(train, test)
         dtype = compute_dtype(train, test)
         device = train[names[0]].device
+        stack_dtype = self.low_precision or dtype
+        groups = self.block_groups(train, names)
+        ends = list(itertools.accumulate(len(group) for group in groups))
         out = torch.zeros(n_test, n_train, dtype=dtype, device=device)
-        done = 0
-        if partial is not None and partial.sum.shape == out.shape and partial.sum.dtype == dtype:
+        first = 0
+        if (
+            partial is not None
+            and partial.sum.shape == out.shape
+            and partial.sum.dtype == dtype
+            and partial.blocks_done in ends
+        ):
             out.copy_(partial.sum)
-            done = partial.blocks_done
-        for index in progress(range(done, len(names)), desc=self.name, total=len(names) - done):
-            name = names[index]
-            g_train = train[name].to(device=device, dtype=dtype)
-            if not bool(g_train.any()):
-                logger.debug("%s: block %s has all-zero training gradients; skipped", self.name, name)
-                continue
-            transformed = self.transform_test(name, g_train, test[name].to(device=device, dtype=dtype))
-            for rows in self.chunks(n_test):
-                self.add_product(out[rows], transformed[rows], g_train)
-            if after_block is not None and index + 1 < len(names):
-                after_block(PartialScores(index + 1, out))
+            first = ends.index(partial.blocks_done) + 1
+        for index in progress(range(first, len(groups)), desc=self.name, total=len(groups) - first):
+            group = BlockGroup.gather(groups[index], train, test, dtype, stack_dtype, device)
+            if group is not None:
+                self.add_group_product(out, self.transform_test_group(group), group.stacked_train)
+            if after_block is not None and index + 1 < len(groups):
+                after_block(PartialScores(ends[index], out))
         return out.to(torch.float32)
+
+    def add_group_product(self, out: torch.Tensor, transformed: torch.Tensor, stacked: torch.Tensor) -> None:
+        """``out += sum_b transformed_b @ stacked_b^T`` (``[B, m, d]``, ``[B, n, d]``), in chunks of rows
+        and, for several blocks, of columns (bounding the ``[B, rows, columns]`` partial products)."""
+        if transformed.shape[0] == 1:
+            for rows in self.chunks(out.shape[0]):
+                self.add_product(out[rows], transformed[0, rows], stacked[0])
+            return
+        low = transformed.to(stacked.dtype)
+        for rows in self.chunks(out.shape[0]):
+            for cols in self.chunks(out.shape[1]):
+                parts = self.product(low[:, rows], stacked[:, cols])
+                out[rows, cols] += parts.sum(dim=0, dtype=out.dtype)
 
     # ------------------------------------------------------------------ streamed training gradients
 
@@ -216,8 +260,53 @@ class InnerProductMethod(AttributionMethod):
 
 
 @dataclass(frozen=True)
+class BlockGroup:
+    """Blocks of equal width scored together, with what every method may need of them."""
+
+    names: tuple[str, ...]
+    train: dict[str, torch.Tensor]  # [n, d] per block, compute dtype
+    test: dict[str, torch.Tensor]  # [m, d] per block, compute dtype
+    stacked_train: torch.Tensor  # [B, n, d] in the product dtype (a view when nothing is converted)
+    row_squares: torch.Tensor  # [B, n] squared norms ||g_i||^2 of the training rows, compute dtype
+
+    @classmethod
+    def gather(
+        cls,
+        names: Sequence[str],
+        train: GradientBlocks,
+        test: GradientBlocks,
+        dtype: torch.dtype,
+        stack_dtype: torch.dtype,
+        device: torch.device,
+    ) -> BlockGroup | None:
+        """The group's blocks whose training gradients are not all zero (the others contribute nothing
+        to any score, and skipping them keeps damping 0 from dividing by zero); None when none is left."""
+        g_train = {name: train[name].to(device=device, dtype=dtype) for name in names}
+        squares = {name: row_norms_squared(block) for name, block in g_train.items()}
+        live = tuple(name for name in names if bool(squares[name].any()))
+        if len(live) < len(names):
+            logger.debug("all-zero training gradients skipped: %s", sorted(set(names) - set(live)))
+        if not live:
+            return None
+        return cls(
+            names=live,
+            train={name: g_train[name] for name in live},
+            test={name: test[name].to(device=device, dtype=dtype) for name in live},
+            stacked_train=stack_rows([g_train[name] for name in live], stack_dtype, device),
+            row_squares=torch.stack([squares[name] for name in live]),
+        )
+
+    def damping(self, damping_scale: float) -> torch.Tensor:
+        """``[B]``: each block's :func:`block_damping`, from the row norms already computed."""
+        n, d = self.stacked_train.shape[1:]
+        sums = self.row_squares.to(torch.float64).sum(dim=1)
+        return (damping_scale * sums / (n * d)).to(self.row_squares.dtype)
+
+
+@dataclass(frozen=True)
 class PartialScores:
-    """The score sum over the first ``blocks_done`` blocks (in the compute dtype), to resume from."""
+    """The score sum over the first ``blocks_done`` blocks in the order of
+    :meth:`InnerProductMethod.block_groups` (in the compute dtype), to resume from."""
 
     blocks_done: int
     sum: torch.Tensor
@@ -297,10 +386,10 @@ def block_damping(train_block: torch.Tensor, damping_scale: float) -> float:
     """The study's damping ``lambda = damping_scale * mean_i(mean_j g_ij^2)`` over a block's train gradients.
 
     The official code divides the mean by ``lambda_const_param=10``; ``damping_scale=0.1`` is the same.
-    Summed in float64 so that large blocks do not lose precision.
+    Rows are summed in float64 so that large blocks do not lose precision.
     """
-    norm = torch.linalg.vector_norm(train_block, dtype=torch.float64)
-    return damping_scale * float(norm) ** 2 / train_block.numel()
+    total = float(row_norms_squared(train_block).to(torch.float64).sum())
+    return damping_scale * total / train_block.numel()
 
 
 def block_seed(seed: int, block_name: str, repeat: int) -> int:

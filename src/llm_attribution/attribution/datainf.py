@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import option, require_positive
-from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, register, streamed_blocks
+from .base import BlockGroup, GradientBlocks, InnerProductMethod, MethodSettings, register, streamed_blocks
 from .streaming import TrainPasses
 
 
@@ -49,18 +49,34 @@ class DataInf(InnerProductMethod):
         self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
     ) -> torch.Tensor:
         """The averaged Sherman-Morrison inverse applied to every test row."""
-        n = train_block.shape[0]
-        lam = block_damping(train_block, self.settings.damping_scale)
-        denominators = lam + train_block.square().sum(dim=1)  # lambda + ||g_i||^2, [n]
-        out = torch.empty_like(test_block)
-        for rows in self.chunks(test_block.shape[0]):
-            v = test_block[rows]
+        stack_dtype = self.low_precision or train_block.dtype
+        group = BlockGroup.gather(
+            [block_name],
+            {block_name: train_block},
+            {block_name: test_block},
+            train_block.dtype,
+            stack_dtype,
+            train_block.device,
+        )
+        return torch.zeros_like(test_block) if group is None else self.transform_test_group(group)[0]
+
+    def transform_test_group(self, group: BlockGroup) -> torch.Tensor:
+        """The same for blocks of equal width at once, each product batched over the blocks."""
+        stacked = group.stacked_train
+        n = stacked.shape[1]
+        damping = group.damping(self.settings.damping_scale)
+        denominators = damping[:, None] + group.row_squares  # lambda + ||g_i||^2, [B, n]
+        tests = torch.stack([group.test[name] for name in group.names])
+        out = torch.empty_like(tests)
+        for rows in self.chunks(tests.shape[1]):
+            v = tests[:, rows]
             acc = v * n
             for cols in self.chunks(n):
-                g = train_block[cols]
-                coefficients = self.product(v, g) / denominators[cols]  # (g_i . v) / (lambda + ||g_i||^2)
-                self.add_product(acc, coefficients, g.T, alpha=-1.0)
-            out[rows] = acc / (n * lam)
+                g = stacked[:, cols]
+                # (g_i . v) / (lambda + ||g_i||^2) for every block, test row and training row
+                coefficients = self.product(v, g) / denominators[:, None, cols]
+                self.add_product(acc, coefficients, g.mT, alpha=-1.0)
+            out[:, rows] = acc / (n * damping)[:, None, None]
         return out
 
     def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:

@@ -122,7 +122,7 @@ class TrainPasses:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
                 if size:
-                    squares = block.to(torch.float64).square().sum(dim=1)
+                    squares = row_norms_squared(block).to(torch.float64)  # as block_damping
                     sums[name] += float(squares.sum())
                     maxima[name] = max(maxima[name], float(squares.max()))
             rows += size
@@ -156,6 +156,11 @@ class TrainPasses:
         for block in test.values():
             dtype = torch.promote_types(dtype, block.dtype)
         return dtype
+
+
+def row_norms_squared(block: torch.Tensor) -> torch.Tensor:
+    """``[n]`` squared norms of a block's rows (one fast read; each row summed in the block's dtype)."""
+    return torch.linalg.vector_norm(block, dim=1).square()
 
 
 def _width(name: str, block: torch.Tensor) -> int:
