@@ -46,7 +46,7 @@ from sections import write_section
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ROOT / "benchmarks" / "peers"
 TASK = "../shared/data/paper-datasets/grammars"
-OUR_METHODS = ("hessian-free", "datainf", "exact")
+OUR_METHODS = ("hessian-free", "datainf", "exact", "ekfac-example")
 THREADS = 1  # per child; see --threads
 PINS = ("torch==2.13.0", "transformers==5.24.0", "peft==0.21.2")
 # pip's noise about this machine's local package folders, left out of recorded pip output
@@ -455,6 +455,8 @@ def closest_method(method: str) -> str:
         return "datainf"
     if any(word in lowered for word in ("grad-dot", "gradient dot", "tracin", "identity", "grad_dot")):
         return "hessian-free"
+    if any(word in lowered for word in ("ekfac", "ek-fac")):
+        return "ekfac-example"
     return "exact"
 
 
@@ -729,7 +731,7 @@ def main() -> None:
                 None if index else done_ours.peak_mib,
                 verdict["accuracy"],
                 verdict["coverage"],
-                note="one process for all three" if not index else "",
+                note=f"one process for all {len(OUR_METHODS)}" if not index else "",
                 load=None if index else done_ours.load,
             )
         )

@@ -216,6 +216,7 @@ class MethodResult:
 def score_features(method: Method, train: Features, test: Features) -> torch.Tensor:
     """``[n_test, n_train]`` scores of one method on stored features; HIGHER = more supportive."""
     if method.kind == GRADIENT:
+        method.bind_shapes({**train.shapes, **test.shapes})
         return typing.cast(AttributionMethod, method).score(train.blocks, test.blocks)
     if train.representations is None or test.representations is None:
         raise ConfigError(f"{method.name} needs representations, which these features do not hold")
@@ -267,6 +268,7 @@ def _score_resumably(
             store.put_partial(method.name, key, running, before + time.perf_counter() - start)
             last_save = time.perf_counter()
 
+    method.bind_shapes({**features["train"].shapes, **features["test"].shapes})
     scores = method.accumulate(features["train"].blocks, features["test"].blocks, partial, keep)
     return scores, before + time.perf_counter() - start
 
@@ -437,6 +439,7 @@ def _score_streamed(
     if ihvp is None:
         for name, method in context.compared.items():  # methods whose scores were reused: transform again
             if name not in transformed:
+                method.bind_shapes(test.shapes)
                 full = method.transform_test_streamed(passes, test.blocks)
                 transformed[name] = {block: t[:IHVP_TEST_ROWS] for block, t in full.items()}
         per_block = compare_transformed(transformed, test.blocks, reference="exact", max_test=IHVP_TEST_ROWS)

@@ -64,6 +64,7 @@ class TrainFeatures:
                     {k: v[s : s + chunk_size] for k, v in features.blocks.items()},
                     None if reps is None else reps[s : s + chunk_size],
                     features.losses[s : s + chunk_size],
+                    features.shapes,
                 )
 
         return cls(passes, len(starts), n)
@@ -237,6 +238,7 @@ def score_chunks(
     if method.kind != GRADIENT:
         return None, _representation_chunks(typing.cast(RepresentationMethod, method), train, test)
     gradients = gradients or train.gradient_passes()
+    method.bind_shapes(test.shapes)
     if not isinstance(method, InnerProductMethod):
         # A method without a streamed form: its training gradients are gathered (memory grows with n).
         parts = list(gradients)

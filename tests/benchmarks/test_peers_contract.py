@@ -88,6 +88,8 @@ def test_judge_reads_higher_as_more_supportive() -> None:
     assert verdict["accuracy"] == 0.0 and verdict["agreement"] == -1.0
     assert peers.closest_method("TracIn (gradient dot)") == "hessian-free"
     assert peers.closest_method("DataInf") == "datainf"
+    assert peers.closest_method("EK-FAC influence") == "ekfac-example"
+    assert peers.closest_method("EKFACAttributor (damping 0.1)") == "ekfac-example"
 
 
 def test_runner_constants_are_read_without_importing_the_runner() -> None:

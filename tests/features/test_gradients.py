@@ -96,6 +96,20 @@ def test_padding_side_does_not_change_gradients(lora_model) -> None:
     assert _rel_err(results[1], results[0]) < REL_TOL
 
 
+def test_features_record_each_block_matrix_shape(lora_model) -> None:
+    """``shapes`` are the LoRA weights' shapes, so a row reshaped to it is that weight's gradient."""
+    model, tokenizer = lora_model
+    examples = toy_task().train[:3]
+    features = collect_features(model, tokenizer, examples, PROMPT, GradientSettings(), representations=False)
+    reference = _reference(model, tokenizer, examples)
+    modules = lora_modules(model)
+    assert features.shapes == {name: tuple(m.weight.shape) for name, m in modules.items()}
+    params = {block_name(n.removesuffix(".weight")): p for n, p in model.named_parameters() if "lora_" in n}
+    for name, (o, i) in features.shapes.items():
+        assert params[name].shape == (o, i)
+        assert _rel_err(features.blocks[name].view(-1, o, i)[0], reference[name][0].view(o, i)) < REL_TOL
+
+
 def test_block_names_are_short_and_stable(lora_model) -> None:
     model, _ = lora_model
     names = list(lora_modules(model))

@@ -127,6 +127,7 @@ def test_every_method_runs_on_projected_features(lora_model) -> None:
     train = collect_features(model, tokenizer, task.train, PROMPT, settings)
     test = collect_features(model, tokenizer, task.test, PROMPT, settings)
     assert all(block.shape[1] <= 32 for block in train.blocks.values())
+    assert all(o * i == train.blocks[name].shape[1] for name, (o, i) in train.shapes.items())
     for name in available_methods():
         scores = score_features(get_method(name), train, test)
         assert scores.shape == (4, 12) and torch.isfinite(scores).all(), name

@@ -29,6 +29,7 @@ def fake_features(chunk) -> Features:  # type: ignore[no-untyped-def]
         },
         seeds[:, None] + torch.zeros(len(chunk), 4),
         seeds / 3,
+        {"z.lora_A": (2, 3), "a.lora_B": (3, 1)},
     )
 
 
@@ -43,6 +44,7 @@ def test_shards_round_trip_in_order_and_are_reused(tmp_path) -> None:
     again = _store(tmp_path).compute(EXAMPLES, lambda c: computed.append(len(c)) or fake_features(c))
     assert computed == [4, 4, 2]  # nothing recomputed
     assert list(again.blocks) == ["z.lora_A", "a.lora_B"] and again.ids == first.ids
+    assert again.shapes == {"z.lora_A": (2, 3), "a.lora_B": (3, 1)}
     for name in first.blocks:
         assert torch.equal(again.blocks[name], first.blocks[name])
     assert torch.equal(again.losses, first.losses) and torch.equal(

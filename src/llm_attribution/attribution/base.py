@@ -41,7 +41,7 @@ GRADIENT = "gradient"
 REPRESENTATION = "representation"
 
 # Modules that register the built-in methods; imported on the first registry lookup.
-_BUILTIN_MODULES = ("hessian_free", "datainf", "exact", "lissa", "repsim")
+_BUILTIN_MODULES = ("hessian_free", "datainf", "exact", "ekfac", "lissa", "repsim")
 
 
 PRODUCT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -89,6 +89,13 @@ class Method(ABC):
         if not isinstance(settings, self.Settings):
             raise ConfigError(f"{self.name} expects {self.Settings.__name__}, got {type(settings).__name__}")
         self.settings = settings
+        self.block_shapes: dict[str, tuple[int, int]] = {}
+
+    def bind_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> Method:
+        """Tell the method each gradient block's matrix shape ``(o, i)`` (rows are ``o x i`` matrices
+        flattened row-major), for methods that use it (``ekfac-example``); returns the method itself."""
+        self.block_shapes = {name: (int(o), int(i)) for name, (o, i) in shapes.items()}
+        return self
 
     @property
     def low_precision(self) -> torch.dtype | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,12 +92,15 @@ class Features:
     (``[n, k_block]`` when projected).
     ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
     ``losses``: float32 ``[n]`` each example's loss.
+    ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the LoRA
+    matrix's weight shape, or its projected shape (empty for features stored before shapes were kept).
     """
 
     ids: list[str]
     blocks: dict[str, torch.Tensor]
     representations: torch.Tensor | None
     losses: torch.Tensor
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def block_name(module_name: str) -> str:
@@ -184,6 +187,10 @@ def collect_features(
         for name, m in modules.items()
     }
     blocks = {name: torch.empty(n, widths[name], dtype=torch.float32) for name in modules}
+    shapes = {
+        name: projections[name].shape if name in projections else (m.weight.shape[0], m.weight.shape[1])
+        for name, m in modules.items()
+    }
     reps: torch.Tensor | None = None
     losses = torch.empty(n, dtype=torch.float32)
     order = sorted(range(n), key=lambda i: len(encoded[i].input_ids))
@@ -223,7 +230,7 @@ def collect_features(
     finally:
         capture.remove()
     _check_finite(blocks, [e.id for e in examples])
-    return Features([e.id for e in examples], blocks, reps, losses)
+    return Features([e.id for e in examples], blocks, reps, losses, shapes)
 
 
 def _check_rows(loss: torch.Tensor, counts: torch.Tensor, ids: list[str]) -> None:

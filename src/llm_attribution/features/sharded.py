@@ -33,9 +33,10 @@ def collect_sharded(
     with distributed.agree():
         if rows.stop > rows.start:
             local = collect(examples[rows])
-    layout = next(item for item in distributed.all_gather_object(_layout(local)) if item is not None)
+    described = None if local is None else (_layout(local), local.shapes)
+    layout, shapes = next(item for item in distributed.all_gather_object(described) if item is not None)
     flat = distributed.all_gather_rows(None if local is None else _flatten(local, layout))
-    return _unflatten(flat, layout, [e.id for e in examples])
+    return _unflatten(flat, layout, [e.id for e in examples], shapes)
 
 
 def score_sharded(score: Callable[[Features], torch.Tensor], test: Features) -> torch.Tensor:
@@ -58,6 +59,7 @@ def slice_features(features: Features, rows: slice) -> Features:
         {name: block[rows] for name, block in features.blocks.items()},
         None if reps is None else reps[rows],
         features.losses[rows],
+        features.shapes,
     )
 
 
@@ -78,7 +80,9 @@ def _flatten(features: Features, layout: list[tuple[str, int]]) -> torch.Tensor:
     return torch.cat([columns[name].float() for name, _ in layout], dim=1)
 
 
-def _unflatten(flat: torch.Tensor, layout: list[tuple[str, int]], ids: list[str]) -> Features:
+def _unflatten(
+    flat: torch.Tensor, layout: list[tuple[str, int]], ids: list[str], shapes: dict[str, tuple[int, int]]
+) -> Features:
     parts = dict(
         zip(
             [name for name, _ in layout],
@@ -93,4 +97,5 @@ def _unflatten(flat: torch.Tensor, layout: list[tuple[str, int]], ids: list[str]
         {name: part.contiguous() for name, part in parts.items()},
         None if reps is None else reps.contiguous(),
         losses.flatten().contiguous(),
+        {name: (o, i) for name, (o, i) in shapes.items()},
     )

@@ -118,7 +118,11 @@ class FeatureStore:
             pause_point("features-shard")
             # Block order is the model's module order; safetensors sorts names, so the order is kept
             # here: scores sum over blocks, and a different order would round differently.
-            metadata = {"ids": json.dumps(features.ids), "blocks": json.dumps(list(features.blocks))}
+            metadata = {
+                "ids": json.dumps(features.ids),
+                "blocks": json.dumps(list(features.blocks)),
+                "shapes": json.dumps(features.shapes),
+            }
             data = save(_to_tensors(features), metadata=metadata)
             manifest["shards"][name] = {
                 "rows": [start, start + len(chunk)],
@@ -160,7 +164,8 @@ class FeatureStore:
             raise RunError(
                 f"feature shard {path} holds other examples than asked for; delete it to recompute"
             )
-        return _from_tensors(load(data), ids, json.loads(metadata["blocks"]))
+        shapes = {name: (o, i) for name, (o, i) in json.loads(metadata.get("shapes", "{}")).items()}
+        return _from_tensors(load(data), ids, json.loads(metadata["blocks"]), shapes)
 
 
 def load_metadata(data: bytes) -> dict[str, str]:
@@ -177,9 +182,11 @@ def _to_tensors(features: Features) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _from_tensors(tensors: dict[str, torch.Tensor], ids: list[str], order: list[str]) -> Features:
+def _from_tensors(
+    tensors: dict[str, torch.Tensor], ids: list[str], order: list[str], shapes: dict[str, tuple[int, int]]
+) -> Features:
     reps = tensors.get(REPRESENTATIONS_KEY)
-    return Features(ids, {name: tensors[name] for name in order}, reps, tensors[LOSSES_KEY])
+    return Features(ids, {name: tensors[name] for name in order}, reps, tensors[LOSSES_KEY], shapes)
 
 
 def _concat(parts: list[Features]) -> Features:
@@ -191,4 +198,5 @@ def _concat(parts: list[Features]) -> Features:
         blocks={name: torch.cat([p.blocks[name] for p in parts]) for name in parts[0].blocks},
         representations=torch.cat(reps) if all(r is not None for r in reps) else None,  # type: ignore[arg-type]
         losses=torch.cat([p.losses for p in parts]),
+        shapes=parts[0].shapes,
     )
