@@ -82,9 +82,9 @@ def test_judge_reads_higher_as_more_supportive() -> None:
     train_labels, test_labels = ["a", "a", "b", "b"], ["a", "b"]
     right = np.array([[1.0, 0.5, 0.0, 0.1], [0.0, 0.2, 0.9, 1.0]])
     ours = {"exact": right}
-    verdict = peers.judge(right, (train_labels, test_labels), ours, "EK-FAC")
+    verdict = peers.judge(right, (train_labels, test_labels), ours, "LiSSA")  # compared with exact
     assert verdict["accuracy"] == 1.0 and verdict["coverage"] == 1.0 and verdict["agreement"] == 1.0
-    verdict = peers.judge(-right, (train_labels, test_labels), ours, "EK-FAC")
+    verdict = peers.judge(-right, (train_labels, test_labels), ours, "LiSSA")
     assert verdict["accuracy"] == 0.0 and verdict["agreement"] == -1.0
     assert peers.closest_method("TracIn (gradient dot)") == "hessian-free"
     assert peers.closest_method("DataInf") == "datainf"
