@@ -75,7 +75,8 @@ def gradient_vs_training(n_examples: int) -> dict[str, float]:
     train_pass(), gradient_pass()  # warm-up: first passes allocate and pick kernels
     train_s = min(train_pass() for _ in range(2))
     grad_s = min(gradient_pass() for _ in range(2))
-    shapes = {name: m.weight.numel() for name, m in lora_modules(model).items()}
+    modules = lora_modules(model)
+    shapes = {name: m.weight.numel() for name, m in modules.items()}
     return {
         "train_s_per_example": train_s / len(examples),
         "grad_s_per_example": grad_s / len(examples),
@@ -83,24 +84,25 @@ def gradient_vs_training(n_examples: int) -> dict[str, float]:
         "blocks": len(shapes),
         "params": sum(shapes.values()),
         "shapes": shapes,
+        "matrices": {name: (m.weight.shape[0], m.weight.shape[1]) for name, m in modules.items()},
     }
 
 
-SCORED = ("hessian-free", "datainf", "exact", "lissa-study", "lissa")
+SCORED = ("hessian-free", "datainf", "exact", "ekfac-example", "lissa-study", "lissa")
 FAST = ("hessian-free", "datainf")  # also timed with product_dtype=bfloat16
 
 
-def scoring(shapes: dict[str, int], n_train: int, n_test: int) -> dict[str, dict[str, float]]:
+def scoring(matrices: dict[str, tuple[int, int]], n_train: int, n_test: int) -> dict[str, dict[str, float]]:
     """Seconds of each method (best of 2 for the fast ones), and for bf16 products also the relative
     error and top-1 agreement of the scores with the float32 ones."""
     generator = torch.Generator().manual_seed(0)
-    train = {k: torch.randn(n_train, d, generator=generator) for k, d in shapes.items()}
-    test = {k: torch.randn(n_test, d, generator=generator) for k, d in shapes.items()}
+    train = {k: torch.randn(n_train, o * i, generator=generator) for k, (o, i) in matrices.items()}
+    test = {k: torch.randn(n_test, o * i, generator=generator) for k, (o, i) in matrices.items()}
     rows: dict[str, dict[str, float]] = {}
     full: dict[str, torch.Tensor] = {}
     for name in (*SCORED, *(f"{m}+bf16" for m in FAST)):
         base, _, low = name.partition("+")
-        method = get_method(base, **({"product_dtype": "bfloat16"} if low else {}))
+        method = get_method(base, **({"product_dtype": "bfloat16"} if low else {})).bind_shapes(matrices)
         seconds = []
         for _ in range(2 if base in FAST else 1):
             start = time.perf_counter()
@@ -149,7 +151,7 @@ def main() -> None:
     set_quiet(True)
     g = gradient_vs_training(args.examples)
     ratio = g["grad_s_per_example"] / g["train_s_per_example"]
-    s = scoring(g["shapes"], 900, 100)
+    s = scoring(g["matrices"], 900, 100)
     loop_per_test = study_loop_datainf(g["shapes"], 900, 1)
     loop_total = loop_per_test * 100
     official = 400.0  # the issue's figure for the official code: about 4 s per test example at n = 900
@@ -193,7 +195,9 @@ def main() -> None:
         *[row(name, r) for name, r in s.items()],
         "",
         "`lissa` runs its default depth (100) without converging (see docs/results); `lissa-study` is the "
-        "official 3-step recursion. Best of 2 runs for hessian-free and datainf.",
+        "official 3-step recursion; `ekfac-example` is not in the study (its ratios compare cost only: an "
+        "eigendecomposition of two Kronecker factors per block and a rotation of every training gradient). "
+        "Best of 2 runs for hessian-free and datainf.",
         "",
         f"DataInf must do {flops:.3g} floating-point operations here (three products of n_test x n_train x "
         f"D, D = {g['params']:,} LoRA parameters), whatever the implementation: in float32 that ran at "
@@ -205,6 +209,24 @@ def main() -> None:
         "bf16 products, blocks of equal width are stacked a few at a time into the bf16 copy the rounding "
         "needs anyway and multiplied by one batched product each (`attribution/grouping.py`), which is what "
         "lets the bf16 units run near their speed on these small per-block products.",
+    ]
+    rate = flops / s["datainf"]["seconds"]  # float32 flop rate of DataInf's products here
+    d = g["params"]
+    floors = {
+        "exact": 2 * 900 * 900 * d,  # each block's n x n Gram matrix G G^T, before any solve
+        "lissa-study": 3 * 2 * 2 * 100 * 900 * d + 2 * 100 * 900 * d,  # 3 steps of 2 products, the final one
+    }
+    fast = [name for name, r in s.items() if official / r["seconds"] >= 1000]
+    lines += [
+        "",
+        f"At least 1000x the official ~{official:.0f} s: {', '.join(fast) or 'none'}. "
+        + " ".join(
+            f"`{name}` needs {count:.2g} flops, at least {count / rate:.2f} s at that float32 rate "
+            f"({official / (count / rate):.0f}x at best)."
+            for name, count in floors.items()
+        )
+        + " (`exact`: the Gram matrix alone; `lissa-study`: three recursion steps of two products, then the "
+        f"final one.) 1000x is {official / 1000:.2f} s.",
     ]
     report = "\n".join(lines)
     print(report)

@@ -151,7 +151,8 @@ def _check_sharded_features() -> None:
     def collect(examples) -> Features:  # a feature that says which example and which block it belongs to
         index = torch.tensor([float(e.prompt) for e in examples])
         blocks = {"b": index[:, None] * torch.tensor([1.0, 2.0]), "a": index[:, None] * 3}
-        return Features([e.id for e in examples], blocks, index[:, None] + 0.5, index / 10)
+        shapes = {"b": (1, 2), "a": (1, 1)}
+        return Features([e.id for e in examples], blocks, index[:, None] + 0.5, index / 10, shapes)
 
     for n in (1, 3):  # 1 example: rank 1 has none
         examples = [Example(f"e{i}", str(i), "r", "l") for i in range(n)]
@@ -160,6 +161,7 @@ def _check_sharded_features() -> None:
         assert all(torch.equal(gathered.blocks[k], expected.blocks[k]) for k in expected.blocks)
         assert torch.equal(gathered.representations, expected.representations)
         assert torch.equal(gathered.losses, expected.losses)
+        assert gathered.shapes == {"b": (1, 2), "a": (1, 1)}
         scores = score_sharded(lambda test: test.blocks["a"] @ torch.ones(1, 4), expected)
         assert torch.equal(scores, expected.blocks["a"] @ torch.ones(1, 4))
 

@@ -63,12 +63,12 @@ class KroneckerEigen:
 
 
 def kronecker_factors(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_i G_i G_i^T, sum_i G_i^T G_i)`` in float64 for ``[k, o, i]`` gradients (sums, not means)."""
-    g = rows.to(torch.float64)
-    o, i = g.shape[1:]
-    by_rows = g.transpose(0, 1).reshape(o, -1)  # [o, k * i]
-    by_columns = g.reshape(-1, i)  # [k * o, i]
-    return by_rows @ by_rows.T, by_columns.T @ by_columns
+    """``(sum_i G_i G_i^T, sum_i G_i^T G_i)`` for ``[k, o, i]`` gradients (sums, not means), computed in
+    their dtype (an eigenbasis needs no more) and returned in float64, in which chunks are summed."""
+    o, i = rows.shape[1:]
+    by_rows = rows.transpose(0, 1).reshape(o, -1)  # [o, k * i]
+    by_columns = rows.reshape(-1, i)  # [k * o, i]
+    return (by_rows @ by_rows.T).to(torch.float64), (by_columns.T @ by_columns).to(torch.float64)
 
 
 def eigenbases(
@@ -93,8 +93,8 @@ class Ekfac(InnerProductMethod):
         shape = self.block_shapes.get(block_name)
         if shape is None:
             raise ConfigError(
-                f"{self.name} needs the matrix shape of block {block_name}; features stored before shapes "
-                "were recorded lack it: delete the run's features folder to recompute them"
+                f"{self.name} needs the matrix shape of block {block_name}: bind the shapes collected "
+                "features record, method.bind_shapes(features.shapes)"
             )
         if shape[0] * shape[1] != width:
             raise ConfigError(f"block {block_name}: shape {shape} does not hold {width} numbers")
@@ -105,7 +105,7 @@ class Ekfac(InnerProductMethod):
     ) -> torch.Tensor:
         """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row."""
         shape = self.shape_of(block_name, train_block.shape[1])
-        g = train_block.view(-1, *shape)
+        g = train_block.reshape(-1, *shape)
         u, w = eigenbases(*kronecker_factors(g), train_block.dtype)
         squares = torch.zeros(shape, dtype=torch.float64, device=train_block.device)
         for cols in self.chunks(g.shape[0]):
@@ -117,7 +117,7 @@ class Ekfac(InnerProductMethod):
         o, i = eigen.eigenvalues.shape
         out = torch.empty_like(test_block)
         for rows in self.chunks(test_block.shape[0]):
-            v = test_block[rows].view(-1, o, i)
+            v = test_block[rows].reshape(-1, o, i)
             out[rows] = eigen.precondition(v, lam).reshape(v.shape[0], -1)
         return out
 
@@ -137,7 +137,9 @@ class Ekfac(InnerProductMethod):
         }
         for chunk in train:
             for name in names:
-                l_part, r_part = kronecker_factors(chunk[name].to(device[name]).view(-1, *shapes[name]))
+                l_part, r_part = kronecker_factors(
+                    chunk[name].to(device=device[name], dtype=dtype).reshape(-1, *shapes[name])
+                )
                 left[name] += l_part
                 right[name] += r_part
         bases = {name: eigenbases(left[name], right[name], dtype) for name in names}
@@ -147,7 +149,7 @@ class Ekfac(InnerProductMethod):
         for chunk in train:
             for name in names:
                 u, w = bases[name]
-                g = chunk[name].to(device=device[name], dtype=dtype).view(-1, *shapes[name])
+                g = chunk[name].to(device=device[name], dtype=dtype).reshape(-1, *shapes[name])
                 squares[name] += (u.T @ g @ w).square().sum(dim=0, dtype=torch.float64)
         out = {}
         for name in names:

@@ -39,7 +39,8 @@ FEATURES_DIR = "features"
 MANIFEST = "manifest.json"
 REPRESENTATIONS_KEY = "__representations__"
 LOSSES_KEY = "__losses__"
-STORE_VERSION = 2
+# 3: shards record each block's matrix shape (ekfac-example needs it), so older stores are recomputed
+STORE_VERSION = 3
 
 
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:
