@@ -93,7 +93,7 @@ class Features:
     ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
     ``losses``: float32 ``[n]`` each example's loss.
     ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the LoRA
-    matrix's weight shape, or its projected shape (empty for features stored before shapes were kept).
+    matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
     """
 
     ids: list[str]
