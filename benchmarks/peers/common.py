@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import os
 import sys
 import time
 import traceback
@@ -163,6 +164,8 @@ def run_main(description: str, methods: Sequence[str], body: Callable[[Path, str
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in ("scores.npy", "meta.json", "error.txt"):
         (args.out / stale).unlink(missing_ok=True)
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(variable, "1")  # every input is local: no runner ever asks a hub
     stages = Stages()
     try:
         meta = load_meta(args.inputs)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -94,9 +93,6 @@ SIGN_NOTE = (
 
 
 def run(args: argparse.Namespace, work: Path, stages: dict[str, float]) -> Output:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     start = time.perf_counter()
     import bergson
     import numpy as np

@@ -38,7 +38,6 @@ frozen, and dattri-llm hooks only trainable layers (``lora_A`` / ``lora_B``).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +64,6 @@ SIGN_NOTE = (
 
 
 def run(args: argparse.Namespace, workdir: Path, stages: dict[str, float]) -> Output:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask a hub
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     start = time.perf_counter()
     import dattri_llm
     import numpy as np

@@ -76,6 +76,20 @@ class MethodSettings:
             )
 
 
+@dataclass(frozen=True)
+class DampedSettings(MethodSettings):
+    """Settings of a method that damps the Fisher: the study's per-block damping
+    ``lambda = damping_scale * mean squared training gradient``."""
+
+    damping_scale: float = option(
+        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive("damping_scale", self.damping_scale)
+
+
 class Method(ABC):
     """What every registered method has: a name, the features it needs, and validated settings."""
 

@@ -19,22 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import option, require_positive
-from .base import BlockGroup, GradientBlocks, InnerProductMethod, MethodSettings, register, streamed_blocks
+from .base import BlockGroup, DampedSettings, GradientBlocks, InnerProductMethod, register, streamed_blocks
 from .streaming import TrainPasses
 
 
 @dataclass(frozen=True)
-class DataInfSettings(MethodSettings):
+class DataInfSettings(DampedSettings):
     """DataInf's one knob: the damping relative to the mean squared training gradient."""
-
-    damping_scale: float = option(
-        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_positive("damping_scale", self.damping_scale)
 
 
 @register

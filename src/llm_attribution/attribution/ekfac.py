@@ -25,27 +25,19 @@ block shaped ``1 x d`` it is the exact inverse outright (``U = 1``, ``W`` the Fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from ..settings import option, require_positive
-from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, register, streamed_blocks
+from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
 from .streaming import TrainPasses
 
 
 @dataclass(frozen=True)
-class EkfacSettings(MethodSettings):
+class EkfacSettings(DampedSettings):
     """EK-FAC's one knob: the damping relative to the mean squared training gradient (as DataInf's)."""
-
-    damping_scale: float = option(
-        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_positive("damping_scale", self.damping_scale)
 
 
 @dataclass(frozen=True)
@@ -78,6 +70,34 @@ def eigenbases(
     return torch.linalg.eigh(left)[1].to(dtype), torch.linalg.eigh(right)[1].to(dtype)
 
 
+def fit_eigens(
+    chunks: Iterable[Mapping[str, torch.Tensor]],
+    shapes: Mapping[str, tuple[int, int]],
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, KroneckerEigen]:
+    """Each block's eigenbasis and fitted eigenvalues from two passes over ``chunks`` (re-iterable, each
+    pass the same training rows): the factors, then the mean squared coordinates in their eigenbasis."""
+
+    def matrices(chunk: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        return chunk[name].to(device=device, dtype=dtype).reshape(-1, *shapes[name])
+
+    left = {name: torch.zeros(o, o, dtype=torch.float64, device=device) for name, (o, _) in shapes.items()}
+    right = {name: torch.zeros(i, i, dtype=torch.float64, device=device) for name, (_, i) in shapes.items()}
+    for chunk in chunks:
+        for name in shapes:
+            l_part, r_part = kronecker_factors(matrices(chunk, name))
+            left[name] += l_part
+            right[name] += r_part
+    bases = {name: eigenbases(left[name], right[name], dtype) for name in shapes}
+    squares = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name, shape in shapes.items()}
+    for chunk in chunks:
+        for name, (u, w) in bases.items():
+            squares[name] += (u.T @ matrices(chunk, name) @ w).square().sum(dim=0, dtype=torch.float64)
+    return {name: KroneckerEigen(u, w, (squares[name] / rows).to(dtype)) for name, (u, w) in bases.items()}
+
+
 @register
 class Ekfac(InnerProductMethod):
     """Score = sum over blocks of ``(F_EK + lambda I)^-1 g_test . g_train`` with example-level factors;
@@ -105,13 +125,12 @@ class Ekfac(InnerProductMethod):
     ) -> torch.Tensor:
         """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row."""
         shape = self.shape_of(block_name, train_block.shape[1])
-        g = train_block.reshape(-1, *shape)
-        u, w = eigenbases(*kronecker_factors(g), train_block.dtype)
-        squares = torch.zeros(shape, dtype=torch.float64, device=train_block.device)
-        for cols in self.chunks(g.shape[0]):
-            squares += (u.T @ g[cols] @ w).square().sum(dim=0, dtype=torch.float64)
-        eigen = KroneckerEigen(u, w, (squares / g.shape[0]).to(train_block.dtype))
-        return self._apply(eigen, test_block, block_damping(train_block, self.settings.damping_scale))
+        n = train_block.shape[0]
+        chunks = [{block_name: train_block[cols]} for cols in self.chunks(n)]  # views, read twice
+        eigen = fit_eigens(chunks, {block_name: shape}, n, train_block.dtype, train_block.device)
+        return self._apply(
+            eigen[block_name], test_block, block_damping(train_block, self.settings.damping_scale)
+        )
 
     def _apply(self, eigen: KroneckerEigen, test_block: torch.Tensor, lam: float) -> torch.Tensor:
         o, i = eigen.eigenvalues.shape
@@ -124,37 +143,17 @@ class Ekfac(InnerProductMethod):
     def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """Two passes besides the statistics: the factors, then the eigenvalues in their eigenbasis."""
         names, dtype = streamed_blocks(train, test)
-        statistics, n = train.statistics(), train.rows
+        if not names:
+            return {}
+        statistics = train.statistics()
         shapes = {name: self.shape_of(name, statistics[name].width) for name in names}
-        device = {name: test[name].device for name in names}
-        left = {
-            name: torch.zeros(o, o, dtype=torch.float64, device=device[name])
-            for name, (o, _) in shapes.items()
+        device = test[names[0]].device
+        eigens = fit_eigens(train, shapes, train.rows, dtype, device)
+        return {
+            name: self._apply(
+                eigen,
+                test[name].to(device=device, dtype=dtype),
+                statistics[name].damping(self.settings.damping_scale),
+            )
+            for name, eigen in eigens.items()
         }
-        right = {
-            name: torch.zeros(i, i, dtype=torch.float64, device=device[name])
-            for name, (_, i) in shapes.items()
-        }
-        for chunk in train:
-            for name in names:
-                l_part, r_part = kronecker_factors(
-                    chunk[name].to(device=device[name], dtype=dtype).reshape(-1, *shapes[name])
-                )
-                left[name] += l_part
-                right[name] += r_part
-        bases = {name: eigenbases(left[name], right[name], dtype) for name in names}
-        squares = {
-            name: torch.zeros(shapes[name], dtype=torch.float64, device=device[name]) for name in names
-        }
-        for chunk in train:
-            for name in names:
-                u, w = bases[name]
-                g = chunk[name].to(device=device[name], dtype=dtype).reshape(-1, *shapes[name])
-                squares[name] += (u.T @ g @ w).square().sum(dim=0, dtype=torch.float64)
-        out = {}
-        for name in names:
-            u, w = bases[name]
-            eigen = KroneckerEigen(u, w, (squares[name] / n).to(dtype))
-            lam = statistics[name].damping(self.settings.damping_scale)
-            out[name] = self._apply(eigen, test[name].to(dtype=dtype), lam)
-        return out

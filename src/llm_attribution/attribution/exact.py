@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import option, require, require_choice, require_positive
-from .base import GradientBlocks, InnerProductMethod, MethodSettings, block_damping, register, streamed_blocks
+from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
 from .streaming import TrainPasses
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,9 @@ SOLVERS = ("auto", "woodbury", "dense")
 
 
 @dataclass(frozen=True)
-class ExactSettings(MethodSettings):
+class ExactSettings(DampedSettings):
     """Damping as DataInf's, and which linear system to factorise."""
 
-    damping_scale: float = option(
-        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
-    )
     solver: str = option(
         "auto", "auto: Woodbury (n x n) when n_train < block dim, else dense (d x d)", choices=SOLVERS
     )
@@ -49,7 +46,6 @@ class ExactSettings(MethodSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive("damping_scale", self.damping_scale)
         require_choice("solver", self.solver, SOLVERS)
         if self.woodbury_max_rows is not None:
             require(

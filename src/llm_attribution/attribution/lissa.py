@@ -37,9 +37,9 @@ import torch
 
 from ..settings import option, require, require_positive
 from .base import (
+    DampedSettings,
     GradientBlocks,
     InnerProductMethod,
-    MethodSettings,
     block_damping,
     block_seed,
     register,
@@ -58,12 +58,9 @@ class LissaDivergenceWarning(RuntimeWarning):
 
 
 @dataclass(frozen=True)
-class LissaSettings(MethodSettings):
+class LissaSettings(DampedSettings):
     """The recursion's scale, length, repetitions and mini-batching."""
 
-    damping_scale: float = option(
-        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
-    )
     scale: float | None = option(
         None,
         "s in the recursion; must exceed (top Fisher eigenvalue + lambda)/2. None: a safe bound per block",
@@ -79,7 +76,6 @@ class LissaSettings(MethodSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive("damping_scale", self.damping_scale)
         if self.scale is not None:
             require_positive("scale", self.scale)
         for name in ("depth", "repeats") + (("batch_size",) if self.batch_size is not None else ()):
@@ -241,18 +237,14 @@ class Lissa(InnerProductMethod):
 
 
 @dataclass(frozen=True)
-class LissaStudySettings(MethodSettings):
+class LissaStudySettings(DampedSettings):
     """The official code's constants: scale 1000, few steps, DataInf's damping (with its sign)."""
 
-    damping_scale: float = option(
-        0.1, "damping lambda = damping_scale * mean squared training gradient, per block"
-    )
     scale: float = option(1000.0, "the official code's fixed divisor (1e3)")
     depth: int = option(3, "recursion steps (the official default --iter is 3; the shipped scores used 3)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive("damping_scale", self.damping_scale)
         require_positive("scale", self.scale)
         require(isinstance(self.depth, int), f"--depth must be an integer, got {self.depth!r}")
         require_positive("depth", self.depth)

@@ -97,5 +97,5 @@ def _unflatten(
         {name: part.contiguous() for name, part in parts.items()},
         None if reps is None else reps.contiguous(),
         losses.flatten().contiguous(),
-        {name: (o, i) for name, (o, i) in shapes.items()},
+        dict(shapes),
     )
