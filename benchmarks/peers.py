@@ -254,9 +254,9 @@ def export(run: Path, inputs: Path) -> dict[str, Any]:
 
     from llm_attribution.data.templates import collate, encode_examples
     from llm_attribution.models.resolve import load_model
-    from llm_attribution.pipeline import open_run
-    from llm_attribution.run_layout import final_adapter
-    from llm_attribution.scoring import adapter_fingerprint
+    from llm_attribution.workflows.attribute import adapter_fingerprint
+    from llm_attribution.workflows.layout import final_adapter
+    from llm_attribution.workflows.runs import open_run
 
     adapter = final_adapter(run)
     if adapter is None:

@@ -120,7 +120,7 @@ def child_write(folder: Path, n: int, dim: int) -> dict[str, Any]:
 
 def child_score(folder: Path, n: int, dim: int) -> dict[str, Any]:
     from llm_attribution.attribution.base import get_method
-    from llm_attribution.streamed_scoring import TrainFeatures, stream_methods
+    from llm_attribution.scoring.streamed import TrainFeatures, stream_methods
 
     train = examples(n, "train")
     store = store_for(folder, n, dim)
@@ -146,7 +146,7 @@ def child_score(folder: Path, n: int, dim: int) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    from llm_attribution.progress import set_quiet
+    from llm_attribution.core.progress import set_quiet
 
     set_quiet(True)
     torch.set_num_threads(args.threads)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llm_attribution import distributed
-from llm_attribution.errors import ConfigError, DataError, RunError
+from llm_attribution.core import distributed
+from llm_attribution.core.errors import ConfigError, DataError, RunError
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch) -> None:
@@ -146,7 +146,7 @@ def _check_sharded_features() -> None:
     """Features and scores split over the ranks come back whole and in order, also with an empty share."""
     from llm_attribution.data.schema import Example
     from llm_attribution.features.gradients import Features
-    from llm_attribution.features.sharded import collect_sharded, score_sharded
+    from llm_attribution.features.ranks import collect_sharded, score_sharded
 
     def collect(examples) -> Features:  # a feature that says which example and which block it belongs to
         index = torch.tensor([float(e.prompt) for e in examples])

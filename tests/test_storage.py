@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from llm_attribution.errors import RunError
-from llm_attribution.score_store import ScoreStore, read_run_scores
-from llm_attribution.storage import atomic_dir, read_json, remove_stale_temporaries, write_bytes_atomic
+from llm_attribution.core.errors import RunError
+from llm_attribution.core.storage import atomic_dir, read_json, remove_stale_temporaries, write_bytes_atomic
+from llm_attribution.scoring.store import ScoreStore, read_run_scores
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch) -> None:

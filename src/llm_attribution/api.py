@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .core.storage import read_json
 from .data.loaders import load_task
 from .data.settings import DataSettings
 from .evaluation.metrics import Metrics
@@ -18,10 +19,9 @@ from .evaluation.metrics import evaluate as _evaluate
 from .evaluation.official import check_score_shape
 from .evaluation.score_files import read_scores
 from .features.gradients import Features, GradientSettings
-from .pipeline import FinetuneConfig, FinetuneReport, finetune_run, open_run
-from .run_layout import SETTINGS_FILE
-from .scoring import STUDY_METHODS, AttributeSettings, attribute_explained, collect_run_features
-from .storage import read_json
+from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_explained, collect_run_features
+from .workflows.layout import SETTINGS_FILE
+from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
 
 
 def finetune(config: FinetuneConfig, run: str | Path, show: int = 0) -> FinetuneReport:

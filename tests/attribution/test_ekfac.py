@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llm_attribution.attribution.base import InnerProductMethod, get_method
-from llm_attribution.attribution.streaming import TrainPasses
-from llm_attribution.errors import ConfigError
+from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.core.errors import ConfigError
 
 SHAPES = {"q.lora_A": (3, 7), "q.lora_B": (5, 3)}
 

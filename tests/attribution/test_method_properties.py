@@ -10,7 +10,7 @@ from test_methods import TALL, WIDE, make_problem, ref_exact, ref_hessian_free, 
 
 from llm_attribution.attribution.base import get_method
 from llm_attribution.attribution.lissa import LissaDivergenceWarning
-from llm_attribution.errors import DataError
+from llm_attribution.core.errors import DataError
 
 
 def test_hessian_free_sum_over_blocks_equals_concatenated_block() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llm_attribution.attribution.base import InnerProductMethod, get_method
-from llm_attribution.attribution.streaming import TrainPasses
-from llm_attribution.errors import ConfigError
+from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.core.errors import ConfigError
 
 BF16_TOL = 1e-2  # relative Frobenius error: bf16 keeps 8 bits of mantissa (unit roundoff 2^-9)
 RANK_TOL = 0.99  # mean Spearman correlation of each test row's ranking with the float32 one

@@ -14,7 +14,7 @@ from llm_attribution.attribution.base import (
     method_class,
     register,
 )
-from llm_attribution.errors import ConfigError
+from llm_attribution.core.errors import ConfigError
 
 ALL = ("datainf", "exact", "hessian-free", "lissa", "lissa-study", "repsim")
 

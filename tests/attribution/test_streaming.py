@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llm_attribution.attribution.base import InnerProductMethod, get_method
-from llm_attribution.attribution.streaming import TrainPasses
-from llm_attribution.errors import DataError
+from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.core.errors import DataError
 
 STREAMED_TOL = 1e-5  # float32 scores, same algebra in another order
 CHUNK = 7  # training rows per streamed chunk: 40 rows = 5 full chunks and a partial one

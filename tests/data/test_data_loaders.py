@@ -10,9 +10,9 @@ from typing import Any
 import datasets
 import pytest
 
+from llm_attribution.core.errors import DataError
 from llm_attribution.data import DataSettings, load_hub_dataset, load_task
 from llm_attribution.data import loaders as loaders_module
-from llm_attribution.errors import DataError
 
 
 def rows(n: int, *, prompt: str = "prompt", label: str = "label", labels: str = "ab") -> list[dict[str, Any]]:

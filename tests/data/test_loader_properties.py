@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llm_attribution.core.errors import DataError
 from llm_attribution.data import DataSettings, load_task
-from llm_attribution.errors import DataError
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llm_attribution.core.errors import DataError
 from llm_attribution.data.schema import Example
 from llm_attribution.data.subsample import split_train_test, stratified_quotas, subsample
-from llm_attribution.errors import DataError
 
 
 def make_examples(labels: list[str]) -> list[Example]:

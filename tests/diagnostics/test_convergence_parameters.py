@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from llm_attribution.cli import main
 from llm_attribution.data.schema import Example
-from llm_attribution.diagnostics.convergence import gradient_cosine
-from llm_attribution.diagnostics.parameters import adapter_update_norms, judge_labels
 from llm_attribution.features.gradients import Features
+from llm_attribution.workflows.convergence import gradient_cosine
+from llm_attribution.workflows.parameters import adapter_update_norms, judge_labels
 from tests.helpers import run_cli
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llm_attribution.attribution import get_method
+from llm_attribution.core.errors import ConfigError
 from llm_attribution.diagnostics.ihvp import (
     damping_sweep,
     ihvp_relative_errors,
@@ -14,7 +15,6 @@ from llm_attribution.diagnostics.ihvp import (
     mean_spearman,
     summarize,
 )
-from llm_attribution.errors import ConfigError
 from tests.helpers import run_cli, tiny_run_args
 
 

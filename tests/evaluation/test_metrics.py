@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_attribution.errors import DataError
+from llm_attribution.core.errors import DataError
 from llm_attribution.evaluation.metrics import evaluate, rank_training
 
 TRAIN = ["a", "a", "b", "b", "c", "c"]  # 3 classes -> k = 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_attribution.errors import DataError
+from llm_attribution.core.errors import DataError
 from llm_attribution.evaluation.metrics import evaluate
 from llm_attribution.evaluation.official import check_score_shape, read_official_scores
 

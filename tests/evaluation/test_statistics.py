@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_attribution.errors import ConfigError, DataError
+from llm_attribution.core.errors import ConfigError, DataError
 from llm_attribution.evaluation.statistics import bootstrap_ci, per_class, seed_spread, summarize_metric
 
 

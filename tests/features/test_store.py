@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_attribution.core.errors import RunError
 from llm_attribution.data.schema import Example
-from llm_attribution.errors import RunError
 from llm_attribution.features.gradients import Features
 from llm_attribution.features.store import FeatureStore
 

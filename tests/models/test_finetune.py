@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm_attribution.core.errors import ConfigError
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
-from llm_attribution.errors import ConfigError
 from llm_attribution.models.finetune import TrainSettings, finetune
 from llm_attribution.models.lora import attach_lora, load_adapter, lora_parameters
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.run_layout import adapter_dir, saved_epochs
+from llm_attribution.workflows.layout import adapter_dir, saved_epochs
 from tests.helpers import toy_task
 
 PROMPT = PromptSettings(max_length=48)
@@ -95,7 +95,7 @@ def test_bad_train_settings(kwargs) -> None:
 
 
 def test_unknown_lora_target_names_the_modules() -> None:
-    from llm_attribution.errors import ModelError
+    from llm_attribution.core.errors import ModelError
 
     loaded = load_model(ModelSettings(model="tiny"))
     with pytest.raises(ModelError, match="k_proj"):

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
+from llm_attribution.core.errors import ConfigError, ModelError
 from llm_attribution.data.templates import PromptSettings
-from llm_attribution.errors import ConfigError, ModelError
 from llm_attribution.models.generate import generate_answers
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import ModelSettings

@@ -13,8 +13,8 @@ from llm_attribution.data import DataSettings
 from llm_attribution.models import finetune as finetune_module
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import ModelSettings
-from llm_attribution.pipeline import FinetuneConfig, finetune_run
-from llm_attribution.run_layout import adapter_dir
+from llm_attribution.workflows.layout import adapter_dir
+from llm_attribution.workflows.runs import FinetuneConfig, finetune_run
 
 CONFIG = FinetuneConfig(
     data=DataSettings(task="grammars", train_limit=40, test_limit=5),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from llm_attribution.core.errors import ConfigError, DataError
 from llm_attribution.data.schema import Example
 from llm_attribution.data.templates import (
     IGNORE_INDEX,
@@ -10,7 +11,6 @@ from llm_attribution.data.templates import (
     encode_example,
     render_prompt,
 )
-from llm_attribution.errors import ConfigError, DataError
 from llm_attribution.models.tiny import byte_tokenizer
 
 EXAMPLE = Example("e1", "What is 2+2?", "4", "math")

@@ -8,7 +8,7 @@ import llm_attribution
 from llm_attribution.data import DataSettings
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import ModelSettings
-from llm_attribution.pipeline import FinetuneConfig
+from llm_attribution.workflows.runs import FinetuneConfig
 
 
 def test_finetune_collect_attribute_evaluate(tmp_path) -> None:

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from llm_attribution import api, pipeline, scoring
+from llm_attribution import api
+from llm_attribution.workflows import attribute as scoring
+from llm_attribution.workflows import runs as pipeline
+from llm_attribution.core.errors import RunError
 from llm_attribution.data import DataSettings
 from llm_attribution.data.templates import PromptSettings
-from llm_attribution.errors import RunError
 from llm_attribution.features.gradients import GradientSettings
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.pipeline import FinetuneConfig, finetune_run, open_run, select_epoch
-from llm_attribution.scoring import collect_run_features
+from llm_attribution.workflows.attribute import collect_run_features
+from llm_attribution.workflows.runs import FinetuneConfig, finetune_run, open_run, select_epoch
 
 
 def _rows(n: int, start: int = 0) -> str:

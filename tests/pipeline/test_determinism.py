@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from scripts.kill_resume import RUN_ARGS, compare
 
 from llm_attribution.cli import main
-from llm_attribution.scoring import STUDY_METHODS
+from llm_attribution.workflows.attribute import STUDY_METHODS
 
 
 def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path) -> None:

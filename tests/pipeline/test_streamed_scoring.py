@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llm_attribution.attribution.base import available_methods, get_method
+from llm_attribution.core.errors import RunError
 from llm_attribution.data.templates import PromptSettings
-from llm_attribution.errors import RunError
 from llm_attribution.evaluation.metrics import evaluate
 from llm_attribution.evaluation.score_files import read_scores
 from llm_attribution.features.gradients import GradientSettings, collect_features
@@ -23,8 +23,8 @@ from llm_attribution.features.store import FeatureStore
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.scoring import score_features
-from llm_attribution.streamed_scoring import (
+from llm_attribution.workflows.attribute import score_features
+from llm_attribution.scoring.streamed import (
     ScoreFile,
     TrainFeatures,
     evaluate_file,
@@ -113,7 +113,7 @@ def test_score_file_carries_ids_and_is_judged_in_row_blocks(tiny_features, tmp_p
     assert json.loads(metadata["test_ids"]) == [e.id for e in task.test]
     assert "higher" in metadata["convention"]
     # judged two test rows at a time: the same metrics as judging the matrix whole
-    monkeypatch.setattr("llm_attribution.streamed_scoring.EVALUATION_BYTES", 2 * 4 * 23)
+    monkeypatch.setattr("llm_attribution.scoring.streamed.EVALUATION_BYTES", 2 * 4 * 23)
     labels = ([e.label for e in task.train], [e.label for e in task.test])
     blocked, whole = evaluate_file(path, *labels), evaluate(read_scores(path), *labels)
     assert np.array_equal(blocked.per_test_hit, whole.per_test_hit) and blocked.coverage == whole.coverage

@@ -26,11 +26,11 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..progress import progress
-from ..settings import option, require_positive
+from ..core.errors import ConfigError, DataError
+from ..core.progress import progress
+from ..core.settings import option, require_positive
 from .grouping import stack_rows, width_groups
-from .streaming import TrainPasses, row_norms_squared
+from .passes import TrainPasses, row_norms_squared
 
 logger = logging.getLogger(__name__)
 

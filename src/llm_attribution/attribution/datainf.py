@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import BlockGroup, DampedSettings, GradientBlocks, InnerProductMethod, register, streamed_blocks
-from .streaming import TrainPasses
+from .passes import TrainPasses
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
-from .streaming import TrainPasses
+from .passes import TrainPasses
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import option, require, require_choice, require_positive
+from ..core.settings import option, require, require_choice, require_positive
 from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
-from .streaming import TrainPasses
+from .passes import TrainPasses
 
 logger = logging.getLogger(__name__)
 

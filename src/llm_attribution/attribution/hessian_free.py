@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import GradientBlocks, InnerProductMethod, register, streamed_blocks
-from .streaming import TrainPasses
+from .passes import TrainPasses
 
 
 @register

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..settings import option, require, require_positive
+from ..core.settings import option, require, require_positive
 from .base import (
     DampedSettings,
     GradientBlocks,
@@ -45,7 +45,7 @@ from .base import (
     register,
     streamed_blocks,
 )
-from .streaming import FisherProducts, TrainPasses
+from .passes import FisherProducts, TrainPasses
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .schema import Example
 from .settings import DataSettings
 

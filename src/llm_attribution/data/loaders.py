@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
-from ..hub import HUB_PROBE_TIMEOUT_S, hub_reachable
+from ..core.errors import DataError
+from ..core.hub import HUB_PROBE_TIMEOUT_S, hub_reachable
 from .builtin import BUILTIN_TASKS
 from .fields import columns_of, require_fields, resolve_fields, to_examples
 from .schema import Example, TaskData

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import option, require, require_positive
+from ..core.settings import option, require, require_positive
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .schema import Example
 
 

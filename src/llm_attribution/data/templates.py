@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import DataError
-from ..settings import option, require_choice, require_positive
+from ..core.errors import DataError
+from ..core.settings import option, require_choice, require_positive
 from .schema import Example
 
 TEMPLATES = ("study", "chat")

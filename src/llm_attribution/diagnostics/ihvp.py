@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attribution.base import AttributionMethod, GradientBlocks, InnerProductMethod, check_blocks, get_method
-from ..errors import ConfigError
-from ..progress import progress
+from ..core.errors import ConfigError
+from ..core.progress import progress
 
 REFERENCE = "__reference__"  # compare_ihvp's key for a reference method that is not among those compared
 

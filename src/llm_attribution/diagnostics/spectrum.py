@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..attribution.base import GradientBlocks, block_damping, check_blocks
-from ..settings import require_positive
+from ..core.settings import require_positive
 
 RELATIVE_RANK_TOL = 1e-10
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 
 def _parse_index(cell: str, path: Path, line: int, what: str) -> int:

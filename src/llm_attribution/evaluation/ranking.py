@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .metrics import _as_numpy, encode_labels, evaluate, rank_training
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .official import read_official_scores
 
 FORMATS = ("ours", "official")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 
 
 def _finite_1d(values: np.ndarray | Sequence[float]) -> np.ndarray:

@@ -27,12 +27,12 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from ..core.errors import DataError, UserError
+from ..core.progress import progress
+from ..core.settings import option, require, require_positive
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
-from ..errors import DataError, UserError
 from ..models.device import autocast
-from ..progress import progress
-from ..settings import option, require, require_positive
 from .projection import KroneckerProjector
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from .. import distributed
+from ..core import distributed
+from ..core.errors import RunError
+from ..core.pause import pause_point
+from ..core.storage import read_json, write_bytes_atomic, write_json_atomic
 from ..data.schema import Example
-from ..errors import RunError
-from ..pause import pause_point
-from ..storage import read_json, write_bytes_atomic, write_json_atomic
 from .gradients import Features
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from peft import PeftModel
 
-from .. import distributed
+from ..core import distributed
 from ..data.templates import IGNORE_INDEX, Encoded, collate
 from .device import autocast
 

@@ -6,8 +6,8 @@ import contextlib
 
 import torch
 
-from .. import distributed
-from ..errors import ConfigError
+from ..core import distributed
+from ..core.errors import ConfigError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

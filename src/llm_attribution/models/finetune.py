@@ -21,15 +21,15 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from .. import distributed
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.pause import pause_point
+from ..core.progress import ProgressBar
+from ..core.settings import option, require, require_positive
+from ..core.storage import atomic_dir, write_bytes_atomic
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
-from ..errors import UserError
-from ..pause import pause_point
-from ..progress import ProgressBar
-from ..run_layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
-from ..settings import option, require, require_positive
-from ..storage import atomic_dir, write_bytes_atomic
+from ..workflows.layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from .data_parallel import DataParallelSteps
 from .device import autocast
 from .lora import lora_parameters

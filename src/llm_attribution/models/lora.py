@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from ..errors import ModelError
+from ..core.errors import ModelError
 from .settings import LoraSettings
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import ModelError
-from ..hub import hub_reachable
-from ..progress import bars_enabled
+from ..core.errors import ModelError
+from ..core.hub import hub_reachable
+from ..core.progress import bars_enabled
 from .device import resolve_device, resolve_dtype
 from .settings import ModelSettings
 from .tiny import byte_tokenizer, tiny_llama

@@ -27,8 +27,8 @@ from ..data.schema import Example
 from ..data.templates import PromptSettings, collate, encode_examples
 from ..features.gradients import per_example_losses
 from ..models.generate import generate_answers
-from ..pipeline import run_epochs
-from ..run_layout import adapter_dir
+from .layout import adapter_dir
+from .runs import run_epochs
 
 JUDGE_WORDS = 6  # the opening words carry the behaviour (refuse, comply); later ones echo the topic
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from ..core.storage import read_json
 from ..features.gradients import Features, GradientSettings
-from ..pipeline import run_epochs
-from ..run_layout import FINETUNE_FILE
-from ..scoring import AttributeSettings, collect_run_features, score_methods
-from ..storage import read_json
+from .attribute import AttributeSettings, collect_run_features, score_methods
+from .layout import FINETUNE_FILE
+from .runs import run_epochs
 
 
 @dataclass(frozen=True)

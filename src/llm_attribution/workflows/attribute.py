@@ -20,10 +20,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 if typing.TYPE_CHECKING:
-    from .pipeline import Explained
+    from .runs import Explained
 
-from . import distributed
-from .attribution.base import (
+from ..attribution.base import (
     GRADIENT,
     AttributionMethod,
     InnerProductMethod,
@@ -33,22 +32,23 @@ from .attribution.base import (
     get_method,
     method_class,
 )
-from .data.schema import Example, TaskData, data_fingerprint
-from .data.templates import PromptSettings
-from .diagnostics.ihvp import compare_ihvp, compare_transformed, inner_product_methods, summarize
-from .errors import ConfigError
-from .evaluation.metrics import Metrics, evaluate
-from .features.gradients import Features, GradientSettings, collect_features
-from .features.sharded import collect_sharded, score_sharded
-from .features.store import FeatureStore, file_sha256
-from .models.settings import ModelSettings
-from .pause import pause_point
-from .run_layout import SETTINGS_FILE
-from .score_store import ScoreStore, score_metadata, scores_path
-from .settings import base_type, field_types, option, require, require_positive, to_dict
-from .storage import read_json, write_json_atomic
-from .streamed_scoring import TrainFeatures, evaluate_file, score_to_file
-from .versions import package_versions
+from ..core import distributed
+from ..core.errors import ConfigError
+from ..core.pause import pause_point
+from ..core.settings import base_type, field_types, option, require, require_positive, to_dict
+from ..core.storage import read_json, write_json_atomic
+from ..core.versions import package_versions
+from ..data.schema import Example, TaskData, data_fingerprint
+from ..data.templates import PromptSettings
+from ..diagnostics.ihvp import compare_ihvp, compare_transformed, inner_product_methods, summarize
+from ..evaluation.metrics import Metrics, evaluate
+from ..features.gradients import Features, GradientSettings, collect_features
+from ..features.ranks import collect_sharded, score_sharded
+from ..features.store import FeatureStore, file_sha256
+from ..models.settings import ModelSettings
+from ..scoring.store import ScoreStore, score_metadata, scores_path
+from ..scoring.streamed import TrainFeatures, evaluate_file, score_to_file
+from .layout import SETTINGS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -14,24 +14,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .api import attribute, collect, evaluate
-from .cli_options import from_args
-from .data.settings import DataSettings
-from .data.templates import PromptSettings
-from .diagnostics.convergence import convergence
-from .diagnostics.ihvp import damping_sweep
-from .diagnostics.parameters import parameters_vs_behaviour
-from .diagnostics.spectrum import spectra, summarize_spectra
-from .errors import UserError
-from .evaluation.study import STUDY_FILE, StudySettings, run_study, study_markdown
-from .explain import explain, format_explanation
-from .features.gradients import GradientSettings
-from .models.finetune import TrainSettings
-from .models.settings import LoraSettings, ModelSettings
-from .pipeline import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
-from .report.build import build_report, write_report
-from .scoring import RESULTS_FILE, AttributeSettings, attribute_explained, parse_method_options
-from .storage import write_json_atomic
+from ..api import attribute, collect, evaluate
+from ..core.errors import UserError
+from ..core.storage import write_json_atomic
+from ..data.settings import DataSettings
+from ..data.templates import PromptSettings
+from ..diagnostics.ihvp import damping_sweep
+from ..diagnostics.spectrum import spectra, summarize_spectra
+from ..features.gradients import GradientSettings
+from ..models.finetune import TrainSettings
+from ..models.settings import LoraSettings, ModelSettings
+from ..workflows.attribute import RESULTS_FILE, AttributeSettings, attribute_explained, parse_method_options
+from ..workflows.convergence import convergence
+from ..workflows.explain import explain, format_explanation
+from ..workflows.parameters import parameters_vs_behaviour
+from ..workflows.report.build import build_report, write_report
+from ..workflows.runs import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
+from ..workflows.study import STUDY_FILE, StudySettings, run_study, study_markdown
+from .options import from_args
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
 

@@ -19,23 +19,23 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import distributed
-from .data.loaders import load_task
-from .data.schema import Example, TaskData, data_fingerprint
-from .data.settings import DataSettings
-from .data.templates import PromptSettings
-from .errors import RunError
-from .features.gradients import GradientSettings
-from .models.finetune import LossCurve, TrainSettings, finetune
-from .models.generate import generate_answers
-from .models.lora import attach_lora, load_adapter
-from .models.resolve import LoadedModel, load_model
-from .models.settings import LoraSettings, ModelSettings
-from .run_layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
-from .scoring import adapter_fingerprint
-from .settings import from_dict, to_dict
-from .storage import read_json, remove_stale_temporaries, write_json_atomic
-from .versions import package_versions
+from ..core import distributed
+from ..core.errors import RunError
+from ..core.settings import from_dict, to_dict
+from ..core.storage import read_json, remove_stale_temporaries, write_json_atomic
+from ..core.versions import package_versions
+from ..data.loaders import load_task
+from ..data.schema import Example, TaskData, data_fingerprint
+from ..data.settings import DataSettings
+from ..data.templates import PromptSettings
+from ..features.gradients import GradientSettings
+from ..models.finetune import LossCurve, TrainSettings, finetune
+from ..models.generate import generate_answers
+from ..models.lora import attach_lora, load_adapter
+from ..models.resolve import LoadedModel, load_model
+from ..models.settings import LoraSettings, ModelSettings
+from .attribute import adapter_fingerprint
+from .layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
 
 log = logging.getLogger(__name__)
 

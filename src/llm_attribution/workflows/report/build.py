@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.builtin import BUILTIN_TASKS
-from ..data.loaders import load_task
-from ..data.schema import TaskData
-from ..errors import RunError
-from ..evaluation.study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
-from ..pipeline import FinetuneConfig
-from ..run_layout import SETTINGS_FILE
-from ..score_store import read_run_scores
-from ..scoring import RESULTS_FILE
-from ..storage import read_json, write_bytes_atomic
+from ...core.errors import RunError
+from ...core.storage import read_json, write_bytes_atomic
+from ...data.builtin import BUILTIN_TASKS
+from ...data.loaders import load_task
+from ...data.schema import TaskData
+from ...scoring.store import read_run_scores
+from ..attribute import RESULTS_FILE
+from ..layout import SETTINGS_FILE
+from ..runs import FinetuneConfig
+from ..study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .official import official_table
 

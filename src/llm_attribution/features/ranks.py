@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import distributed
+from ..core import distributed
 from ..data.schema import Example
 from .gradients import Features
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError
-from ..progress import progress
+from ..core.errors import DataError
+from ..core.progress import progress
 
 Blocks = Mapping[str, torch.Tensor]
 

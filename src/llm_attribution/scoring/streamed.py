@@ -1,6 +1,6 @@
 """Streamed scoring: test features in memory, training features read chunk by chunk, scores written as
 they come. Peak memory does not grow with n_train (what each method holds and how many passes it reads
-is tabled in :mod:`llm_attribution.attribution.streaming`).
+is tabled in :mod:`llm_attribution.attribution.passes`).
 
 Each method's ``[n_test, n_train]`` matrix goes straight into its ``scores/<method>.safetensors`` file,
 one block of columns per training chunk (the file is laid out and renamed into place when complete), and
@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attribution.base import GRADIENT, AttributionMethod, InnerProductMethod, Method, RepresentationMethod
-from .attribution.streaming import TrainPasses
-from .errors import ConfigError, DataError, RunError
-from .evaluation.metrics import Metrics, encode_labels, evaluate, judge_rows
-from .features.gradients import Features
-from .features.store import FeatureStore
-from .progress import progress
-from .score_store import score_metadata
-from .settings import to_dict
-from .storage import atomic_file
+from ..attribution.base import GRADIENT, AttributionMethod, InnerProductMethod, Method, RepresentationMethod
+from ..attribution.passes import TrainPasses
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.progress import progress
+from ..core.settings import to_dict
+from ..core.storage import atomic_file
+from ..evaluation.metrics import Metrics, encode_labels, evaluate, judge_rows
+from ..features.gradients import Features
+from ..features.store import FeatureStore
+from .store import score_metadata
 
 EVALUATION_BYTES = 1 << 20  # bytes of score rows judged at a time (bounds the sort's memory)
 

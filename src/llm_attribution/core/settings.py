@@ -1,6 +1,6 @@
 """Settings as frozen dataclasses: one per pipeline stage, each field with its help text.
 
-The CLI derives its options from these fields (see :mod:`llm_attribution.cli_options`), so an option is
+The CLI derives its options from these fields (see :mod:`llm_attribution.cli.options`), so an option is
 declared once, here, with its default, help and validation. Settings round-trip through JSON
 (:func:`to_dict` / :func:`from_dict`) so that a run folder records exactly what produced it.
 """

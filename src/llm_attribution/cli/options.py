@@ -7,8 +7,8 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from .errors import ConfigError
-from .settings import base_type, field_types
+from ..core.errors import ConfigError
+from ..core.settings import base_type, field_types
 
 S = TypeVar("S")
 

@@ -29,10 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .attribution.base import PartialScores
-from .errors import RunError
-from .features.store import file_sha256
-from .storage import read_json, write_bytes_atomic, write_json_atomic
+from ..attribution.base import PartialScores
+from ..core.errors import RunError
+from ..core.storage import read_json, write_bytes_atomic, write_json_atomic
+from ..features.store import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.schema import Example
-from .features.gradients import GradientSettings, collect_features
-from .models.generate import generate_answers
-from .pipeline import open_run
-from .scoring import STUDY_METHODS, AttributeSettings, run_identity, stream_split
-from .streamed_scoring import stream_scores
+from ..data.schema import Example
+from ..features.gradients import GradientSettings, collect_features
+from ..models.generate import generate_answers
+from ..scoring.streamed import stream_scores
+from .attribute import STUDY_METHODS, AttributeSettings, run_identity, stream_split
+from .runs import open_run
 
 QUERY_ID = "query"
 

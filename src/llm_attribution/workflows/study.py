@@ -17,17 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed
+from ..core import distributed
+from ..core.settings import option, require, to_dict
+from ..core.storage import write_json_atomic
+from ..core.versions import package_versions
 from ..data.loaders import load_task
+from ..evaluation.ranking import ranking_metrics
+from ..evaluation.statistics import bootstrap_ci, per_class, seed_spread
 from ..features.gradients import GradientSettings
-from ..pipeline import FinetuneConfig, finetune_run, select_epoch
-from ..score_store import read_run_scores
-from ..scoring import RESULTS_FILE, AttributeSettings, attribute_explained
-from ..settings import option, require, to_dict
-from ..storage import write_json_atomic
-from ..versions import package_versions
-from .ranking import ranking_metrics
-from .statistics import bootstrap_ci, per_class, seed_spread
+from ..scoring.store import read_run_scores
+from .attribute import RESULTS_FILE, AttributeSettings, attribute_explained
+from .runs import FinetuneConfig, finetune_run, select_epoch
 
 log = logging.getLogger(__name__)
 

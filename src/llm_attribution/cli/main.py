@@ -14,8 +14,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__, distributed
-from .cli_options import add_options
+from .. import __version__
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.progress import set_quiet
+from ..data.settings import DataSettings
+from ..data.templates import PromptSettings
+from ..diagnostics.ihvp import SWEPT_METHODS
+from ..evaluation.score_files import FORMATS
+from ..features.gradients import GradientSettings
+from ..models.finetune import TrainSettings
+from ..models.settings import LoraSettings, ModelSettings
+from ..workflows.attribute import STUDY_METHODS, AttributeSettings
+from ..workflows.study import StudySettings
 from .commands import (
     SCORE_CONVENTION,
     cmd_attribute,
@@ -30,17 +41,7 @@ from .commands import (
     cmd_run,
     cmd_study,
 )
-from .data.settings import DataSettings
-from .data.templates import PromptSettings
-from .diagnostics.ihvp import SWEPT_METHODS
-from .errors import UserError
-from .evaluation.score_files import FORMATS
-from .evaluation.study import StudySettings
-from .features.gradients import GradientSettings
-from .models.finetune import TrainSettings
-from .models.settings import LoraSettings, ModelSettings
-from .progress import set_quiet
-from .scoring import STUDY_METHODS, AttributeSettings
+from .options import add_options
 
 EXIT_USER_ERROR = 2
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.settings import DataSettings
-from ..errors import UserError
+from ...core.errors import UserError
+from ...data.settings import DataSettings
 
 # Official file name method -> our method of the same computation.
 OFFICIAL_METHODS = {"gmatch": "hessian-free", "inf": "datainf", "lissa": "lissa-study"}
@@ -13,7 +13,7 @@ OFFICIAL_METHODS = {"gmatch": "hessian-free", "inf": "datainf", "lissa": "lissa-
 
 def official_table(official_root: Path, data_root: Path) -> str:
     """Markdown table of accuracy and coverage for every ``<model>/<task>_<epochs>_<method>.csv``."""
-    from ..api import evaluate  # the API imports the pipeline; keep this module light to import
+    from ...api import evaluate  # the API imports the pipeline; keep this module light to import
 
     lines = ["| model | task (epochs) | method | accuracy | coverage |", "|---|---|---|---|---|"]
     for path in sorted(official_root.glob("*/*.csv")):
