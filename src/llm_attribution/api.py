@@ -12,14 +12,11 @@ from typing import Any
 import torch
 
 from .core.storage import read_json
-from .data.loaders import load_task
 from .data.settings import DataSettings
 from .evaluation.metrics import Metrics
-from .evaluation.metrics import evaluate as _evaluate
-from .evaluation.official import check_score_shape
-from .evaluation.score_files import read_scores
 from .features.gradients import Features, GradientSettings
 from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_explained, collect_run_features
+from .workflows.judge import judge_scores
 from .workflows.layout import SETTINGS_FILE
 from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
 
@@ -63,10 +60,4 @@ def evaluate(
     scores: torch.Tensor | str | Path, data: str | DataSettings, scores_format: str = "ours"
 ) -> Metrics:
     """The study's accuracy and coverage of a score matrix (tensor or file) against a dataset's labels."""
-    settings = data if isinstance(data, DataSettings) else DataSettings(task=str(data))
-    task = load_task(settings)
-    matrix = scores if isinstance(scores, torch.Tensor) else read_scores(scores, scores_format)
-    check_score_shape(
-        matrix, len(task.test), len(task.train), "scores" if isinstance(scores, torch.Tensor) else scores
-    )
-    return _evaluate(matrix, [e.label for e in task.train], [e.label for e in task.test])
+    return judge_scores(scores, data, scores_format)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from llm_attribution.workflows import runs as pipeline_module
 from llm_attribution.features import store as store_module
+from llm_attribution.workflows import runs as pipeline_module
 from llm_attribution.workflows.study import per_class_markdown
 from tests.helpers import run_cli
 

@@ -10,7 +10,7 @@ from llm_attribution.models.finetune import TrainSettings, finetune
 from llm_attribution.models.lora import attach_lora, load_adapter, lora_parameters
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.workflows.layout import adapter_dir, saved_epochs
+from llm_attribution.workflows.layout import adapter_dir, checkpoints, saved_epochs
 from tests.helpers import toy_task
 
 PROMPT = PromptSettings(max_length=48)
@@ -21,7 +21,7 @@ def _train(run, settings: TrainSettings = FAST):
     loaded = load_model(ModelSettings(model="tiny", device="cpu"))
     torch.manual_seed(settings.seed)
     model = attach_lora(loaded.model, LoraSettings())
-    curve = finetune(model, loaded.tokenizer, toy_task().train, PROMPT, settings, run)
+    curve = finetune(model, loaded.tokenizer, toy_task().train, PROMPT, settings, checkpoints(run))
     return model, loaded.tokenizer, curve
 
 

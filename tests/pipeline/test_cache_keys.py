@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from llm_attribution import api
-from llm_attribution.workflows import attribute as scoring
-from llm_attribution.workflows import runs as pipeline
 from llm_attribution.core.errors import RunError
 from llm_attribution.data import DataSettings
 from llm_attribution.data.templates import PromptSettings
 from llm_attribution.features.gradients import GradientSettings
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.workflows import attribute as scoring
+from llm_attribution.workflows import runs as pipeline
 from llm_attribution.workflows.attribute import collect_run_features
 from llm_attribution.workflows.runs import FinetuneConfig, finetune_run, open_run, select_epoch
 

@@ -23,7 +23,6 @@ from llm_attribution.features.store import FeatureStore
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.workflows.attribute import score_features
 from llm_attribution.scoring.streamed import (
     ScoreFile,
     TrainFeatures,
@@ -31,6 +30,7 @@ from llm_attribution.scoring.streamed import (
     stream_methods,
     stream_scores,
 )
+from llm_attribution.workflows.attribute import score_features
 from tests.helpers import run_cli, tiny_run_args, toy_task
 
 STREAMED_TOL = 1e-5  # float32 scores: the same algebra, summed in another order

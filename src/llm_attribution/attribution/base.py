@@ -18,7 +18,6 @@ import dataclasses
 import importlib
 import itertools
 import logging
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -411,11 +410,6 @@ def block_damping(train_block: torch.Tensor, damping_scale: float) -> float:
     """
     total = float(row_norms_squared(train_block).to(torch.float64).sum())
     return damping_scale * total / train_block.numel()
-
-
-def block_seed(seed: int, block_name: str, repeat: int) -> int:
-    """A reproducible per-(block, repeat) seed, independent of block order and of test chunking."""
-    return (seed * 1_000_003 + zlib.crc32(block_name.encode()) * 101 + repeat) % (2**63)
 
 
 # --------------------------------------------------------------------------------------------- registry

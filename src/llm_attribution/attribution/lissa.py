@@ -35,13 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.seeds import block_seed
 from ..core.settings import option, require, require_positive
 from .base import (
     DampedSettings,
     GradientBlocks,
     InnerProductMethod,
     block_damping,
-    block_seed,
     register,
     streamed_blocks,
 )

@@ -7,6 +7,7 @@ the target (rename is atomic on POSIX within one file system).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -120,3 +121,11 @@ def remove_stale_temporaries(folder: Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     return len(stale)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

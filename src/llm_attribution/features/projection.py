@@ -15,7 +15,7 @@ full ones. A side that is already no wider than its share of ``k`` is kept as it
 which is exact); for a rank-4 LoRA block that is the rank side, so only the model-width side is projected.
 
 Each block's factors come from a CPU generator seeded by the projection seed and the block's name
-(:func:`~llm_attribution.attribution.base.block_seed`), so a block gets the same projection for train
+(:func:`~llm_attribution.core.seeds.block_seed`), so a block gets the same projection for train
 and test examples, in every process, on every device, whatever other blocks exist.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attribution.base import block_seed
+from ..core.seeds import block_seed
 
 
 def factor_dims(d_out: int, d_in: int, dim: int) -> tuple[int, int]:

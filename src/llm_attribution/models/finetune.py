@@ -12,7 +12,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,20 @@ from ..core.settings import option, require, require_positive
 from ..core.storage import atomic_dir, write_bytes_atomic
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
-from ..workflows.layout import ADAPTER_WEIGHTS, TRAIN_STATE_FILE, adapter_dir
 from .data_parallel import DataParallelSteps
 from .device import autocast
-from .lora import lora_parameters
+from .lora import ADAPTER_WEIGHTS, lora_parameters
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where fine-tuning keeps what it resumes from: the adapter saved after each epoch and the training
+    state. The workflow that owns the run folder chooses the paths (``workflows/layout.py``)."""
+
+    adapter: Callable[[int], Path]  # epoch -> the folder of the adapter saved after it
+    state: Path  # optimizer, schedule, random states and LoRA weights of the last saved step
 
 
 @dataclass(frozen=True)
@@ -94,12 +102,12 @@ def finetune(
     train: Sequence[Example],
     prompt: PromptSettings,
     settings: TrainSettings,
-    run: Path,
+    checkpoints: Checkpoints,
 ) -> LossCurve:
-    """Train the LoRA weights of ``model`` on ``train``; save ``adapters/epoch-K`` after each epoch.
+    """Train the LoRA weights of ``model`` on ``train``; save an adapter after each epoch.
 
     The LoRA initialisation must already be seeded by the caller. The training state (LoRA weights,
-    optimizer, schedule, shuffling and dropout random states) is saved to ``train_state.pt`` after every
+    optimizer, schedule, shuffling and dropout random states) is saved to ``checkpoints.state`` after every
     epoch and, mid-epoch, at most every ``settings.checkpoint_minutes``; a run killed at any point resumes
     from its last saved step (:func:`resume_state`) and ends with the adapters an uninterrupted run saves.
     Under ``torchrun`` each rank trains on a slice of every batch (:mod:`.data_parallel`) and rank 0 saves.
@@ -114,11 +122,11 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     generator = torch.Generator().manual_seed(settings.seed)
     curve, first, done, partial, partial_seconds = LossCurve(), 1, 0, [], 0.0
-    state = resume_state(run)
+    state = resume_state(checkpoints)
     if state is not None:
         lora = state.get("lora")
         if lora is None:  # a state file written before LoRA weights were kept in it
-            lora = load_file(str(adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS))
+            lora = load_file(str(checkpoints.adapter(state["epoch"]) / ADAPTER_WEIGHTS))
         set_peft_model_state_dict(model, lora)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -194,18 +202,21 @@ def finetune(
                         mid = _state(
                             model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
                         )
-                        _save_state(run, mid | {"epoch_step_loss": list(losses), "epoch_seconds": elapsed})
+                        _save_state(
+                            checkpoints.state,
+                            mid | {"epoch_step_loss": list(losses), "epoch_seconds": elapsed},
+                        )
                     last_save = time.monotonic()
             curve.steps.extend(losses)
             curve.epochs.append(sum(losses) / len(losses))
             curve.seconds_per_epoch.append(time.perf_counter() - start)
             with distributed.agree():
                 if distributed.is_main():
-                    with atomic_dir(adapter_dir(run, epoch)) as tmp:
+                    with atomic_dir(checkpoints.adapter(epoch)) as tmp:
                         model.save_pretrained(str(tmp))
                     # Written after the epoch's adapter: a state file always refers to adapters that exist.
                     _save_state(
-                        run,
+                        checkpoints.state,
                         _state(model, optimizer, scheduler, curve, device, epoch, 0, generator.get_state()),
                     )
             last_save = time.monotonic()
@@ -262,15 +273,15 @@ def _set_rng_states(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def _save_state(run: Path, state: dict[str, Any]) -> None:
+def _save_state(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_bytes_atomic(run / TRAIN_STATE_FILE, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
-def resume_state(run: Path) -> dict[str, Any] | None:
+def resume_state(checkpoints: Checkpoints) -> dict[str, Any] | None:
     """The saved training state of an unfinished run (None when there is none to resume from)."""
-    path = run / TRAIN_STATE_FILE
+    path = checkpoints.state
     if not path.is_file():
         return None
     try:
@@ -278,6 +289,6 @@ def resume_state(run: Path) -> dict[str, Any] | None:
     except Exception as exc:  # a damaged state file: say so and train from the start
         log.warning("cannot read %s (%s); fine-tuning starts from the beginning", path, exc)
         return None
-    if state["epoch"] > 0 and not (adapter_dir(run, state["epoch"]) / ADAPTER_WEIGHTS).is_file():
+    if state["epoch"] > 0 and not (checkpoints.adapter(state["epoch"]) / ADAPTER_WEIGHTS).is_file():
         return None
     return state

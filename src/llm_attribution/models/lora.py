@@ -8,8 +8,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from ..core.errors import ModelError
+from ..core.errors import ConfigError, ModelError
+from ..core.storage import file_sha256
 from .settings import LoraSettings
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file peft saves an adapter's weights in
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
@@ -60,3 +63,11 @@ def _linear_names(model: PreTrainedModel) -> set[str]:
 def lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA matrices by name (``...q_proj.lora_A.default.weight``), in module order."""
     return {name: p for name, p in model.named_parameters() if "lora_" in name and p.requires_grad}
+
+
+def adapter_fingerprint(adapter: Path) -> str:
+    """SHA-256 of the adapter's weights file: features depend on the exact weights."""
+    for name in (ADAPTER_WEIGHTS, "adapter_model.bin"):
+        if (adapter / name).is_file():
+            return file_sha256(adapter / name)
+    raise ConfigError(f"{adapter} holds no adapter weights (adapter_model.safetensors)")

@@ -31,8 +31,7 @@ from safetensors.torch import load, save
 
 from ..attribution.base import PartialScores
 from ..core.errors import RunError
-from ..core.storage import read_json, write_bytes_atomic, write_json_atomic
-from ..features.store import file_sha256
+from ..core.storage import file_sha256, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

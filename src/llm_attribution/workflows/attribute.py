@@ -44,7 +44,8 @@ from ..diagnostics.ihvp import compare_ihvp, compare_transformed, inner_product_
 from ..evaluation.metrics import Metrics, evaluate
 from ..features.gradients import Features, GradientSettings, collect_features
 from ..features.ranks import collect_sharded, score_sharded
-from ..features.store import FeatureStore, file_sha256
+from ..features.store import FeatureStore
+from ..models.lora import adapter_fingerprint
 from ..models.settings import ModelSettings
 from ..scoring.store import ScoreStore, score_metadata, scores_path
 from ..scoring.streamed import TrainFeatures, evaluate_file, score_to_file
@@ -129,14 +130,6 @@ def _typed(text: str, hint: Any, item: str) -> Any:
     except ValueError:
         kind = getattr(inner, "__name__", str(inner))
         raise ConfigError(f"--method-options: {item!r} needs a {kind} value") from None
-
-
-def adapter_fingerprint(adapter: Path) -> str:
-    """SHA-256 of the adapter's weights file: features depend on the exact weights."""
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (adapter / name).is_file():
-            return file_sha256(adapter / name)
-    raise ConfigError(f"{adapter} holds no adapter weights (adapter_model.safetensors)")
 
 
 def collect_split(

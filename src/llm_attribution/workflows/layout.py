@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models.finetune import Checkpoints
+
 SETTINGS_FILE = "settings.json"
 DATA_FILE = "data.json"
 FINETUNE_FILE = "finetune.json"
 ADAPTERS_DIR = "adapters"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 
 
@@ -44,3 +45,8 @@ def final_adapter(run: Path) -> Path | None:
     """The adapter of the last saved epoch, or None when the run has none."""
     epochs = saved_epochs(run)
     return adapter_dir(run, epochs[-1]) if epochs else None
+
+
+def checkpoints(run: Path) -> Checkpoints:
+    """Where fine-tuning a run saves its epoch adapters and its training state."""
+    return Checkpoints(adapter=lambda epoch: adapter_dir(run, epoch), state=run / TRAIN_STATE_FILE)

@@ -27,6 +27,7 @@ from ..data.schema import Example
 from ..data.templates import PromptSettings, collate, encode_examples
 from ..features.gradients import per_example_losses
 from ..models.generate import generate_answers
+from ..models.lora import ADAPTER_WEIGHTS
 from .layout import adapter_dir
 from .runs import run_epochs
 
@@ -37,7 +38,7 @@ def adapter_update_norms(adapter: Path) -> dict[str, float]:
     """``||(alpha / r) B A||_F`` per adapted module of a saved peft adapter (no model needed)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     scaling = float(config["lora_alpha"]) / float(config["r"])
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    weights = load_file(str(adapter / ADAPTER_WEIGHTS))
     norms = {}
     for key, a in weights.items():
         if ".lora_A." not in key:

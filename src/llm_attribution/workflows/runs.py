@@ -31,11 +31,10 @@ from ..data.templates import PromptSettings
 from ..features.gradients import GradientSettings
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
-from ..models.lora import attach_lora, load_adapter
+from ..models.lora import ADAPTER_WEIGHTS, adapter_fingerprint, attach_lora, load_adapter
 from ..models.resolve import LoadedModel, load_model
 from ..models.settings import LoraSettings, ModelSettings
-from .attribute import adapter_fingerprint
-from .layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, saved_epochs
+from .layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, checkpoints, saved_epochs
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
         torch.manual_seed(config.train.seed)  # seeds the LoRA A initialisation
         model = attach_lora(loaded.model, config.lora)
         start = time.perf_counter()
-        curve = finetune(model, loaded.tokenizer, task.train, config.prompt, config.train, run)
+        curve = finetune(model, loaded.tokenizer, task.train, config.prompt, config.train, checkpoints(run))
         with distributed.agree():
             if distributed.is_main():
                 write_json_atomic(
@@ -249,7 +248,7 @@ def select_epoch(explained: Explained, epoch: int | None) -> Explained:
     path = adapter_dir(explained.run, epoch)
     if not path.is_dir():
         raise RunError(f"{explained.run} has no adapter for epoch {epoch}")
-    set_peft_model_state_dict(explained.model, load_file(path / "adapter_model.safetensors"))
+    set_peft_model_state_dict(explained.model, load_file(path / ADAPTER_WEIGHTS))
     explained.model.eval()
     return dataclasses.replace(explained, adapter=path, epoch=epoch)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ...core.errors import UserError
 from ...data.settings import DataSettings
+from ..judge import judge_scores
 
 # Official file name method -> our method of the same computation.
 OFFICIAL_METHODS = {"gmatch": "hessian-free", "inf": "datainf", "lissa": "lissa-study"}
@@ -13,13 +14,11 @@ OFFICIAL_METHODS = {"gmatch": "hessian-free", "inf": "datainf", "lissa": "lissa-
 
 def official_table(official_root: Path, data_root: Path) -> str:
     """Markdown table of accuracy and coverage for every ``<model>/<task>_<epochs>_<method>.csv``."""
-    from ...api import evaluate  # the API imports the pipeline; keep this module light to import
-
     lines = ["| model | task (epochs) | method | accuracy | coverage |", "|---|---|---|---|---|"]
     for path in sorted(official_root.glob("*/*.csv")):
         task, epochs, method = path.stem.rsplit("_", 2)
         try:
-            metrics = evaluate(path, DataSettings(task=str(data_root / task)), "official")
+            metrics = judge_scores(path, DataSettings(task=str(data_root / task)), "official")
         except UserError as exc:
             lines.append(f"| {path.parent.name} | {task} ({epochs}) | {method} | unreadable: {exc} | |")
             continue

@@ -1,0 +1,26 @@
+"""Judge any score matrix, ours or the study's official CSVs, against a dataset's labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.loaders import load_task
+from ..data.settings import DataSettings
+from ..evaluation.metrics import Metrics, evaluate
+from ..evaluation.official import check_score_shape
+from ..evaluation.score_files import read_scores
+
+
+def judge_scores(
+    scores: torch.Tensor | str | Path, data: str | DataSettings, scores_format: str = "ours"
+) -> Metrics:
+    """The study's accuracy and coverage of a score matrix (tensor or file) against a dataset's labels."""
+    settings = data if isinstance(data, DataSettings) else DataSettings(task=str(data))
+    task = load_task(settings)
+    matrix = scores if isinstance(scores, torch.Tensor) else read_scores(scores, scores_format)
+    check_score_shape(
+        matrix, len(task.test), len(task.train), "scores" if isinstance(scores, torch.Tensor) else scores
+    )
+    return evaluate(matrix, [e.label for e in task.train], [e.label for e in task.test])
