@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from sections import write_section
 
-from llm_attribution.attribution.base import get_method
+from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.progress import set_quiet
 from llm_attribution.data import DataSettings, load_task
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples

@@ -253,12 +253,13 @@ def export(run: Path, inputs: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from llm_attribution.data.templates import collate, encode_examples
+    from llm_attribution.models.lora import adapter_fingerprint
     from llm_attribution.models.resolve import load_model
-    from llm_attribution.workflows.attribute import adapter_fingerprint
-    from llm_attribution.workflows.layout import final_adapter
+    from llm_attribution.workflows.layout import adapter_dir, saved_epochs
     from llm_attribution.workflows.runs import open_run
 
-    adapter = final_adapter(run)
+    epochs = saved_epochs(run)
+    adapter = adapter_dir(run, epochs[-1]) if epochs else None
     if adapter is None:
         raise SystemExit(f"{run} holds no adapter")
     source = {
@@ -275,8 +276,8 @@ def export(run: Path, inputs: Path) -> dict[str, Any]:
     if inputs.exists():
         shutil.rmtree(inputs)
     inputs.mkdir(parents=True)
-    explained = open_run(run)
-    config, task, tokenizer = explained.config, explained.task, explained.tokenizer
+    loaded_run = open_run(run)
+    config, task, tokenizer = loaded_run.config, loaded_run.task, loaded_run.tokenizer
     data = json.loads((run / "data.json").read_text())
     if [e.id for e in task.train] != data["train_ids"] or [e.id for e in task.test] != data["test_ids"]:
         raise SystemExit(f"{run}: the task's examples differ from the run's data.json")
@@ -322,9 +323,10 @@ def export(run: Path, inputs: Path) -> dict[str, Any]:
     check = {key: splits["train"][key][:n_check] for key in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         ours = [
-            float(explained.model(**{k: v[i : i + 1] for k, v in check.items()}).loss) for i in range(n_check)
+            float(loaded_run.model(**{k: v[i : i + 1] for k, v in check.items()}).loss)
+            for i in range(n_check)
         ]
-        del explained
+        del loaded_run
         reloaded = AutoModelForCausalLM.from_pretrained(inputs / "model", dtype=torch.float32)
         peer_model = PeftModel.from_pretrained(reloaded, inputs / "adapter").eval()
         theirs = [

@@ -119,8 +119,10 @@ def child_write(folder: Path, n: int, dim: int) -> dict[str, Any]:
 
 
 def child_score(folder: Path, n: int, dim: int) -> dict[str, Any]:
-    from llm_attribution.attribution.base import get_method
-    from llm_attribution.scoring.streamed import TrainFeatures, stream_methods
+    from llm_attribution.attribution.registry import get_method
+    from llm_attribution.scoring.engine import ScoringJob, score_streamed
+    from llm_attribution.scoring.store import ScoreStore
+    from llm_attribution.scoring.train_features import TrainFeatures
 
     train = examples(n, "train")
     store = store_for(folder, n, dim)
@@ -128,15 +130,16 @@ def child_score(folder: Path, n: int, dim: int) -> dict[str, Any]:
     test_labels = [f"c{i % CLASSES}" for i in range(N_TEST)]
     methods = {name: get_method(name) for name in METHODS}
     start = time.perf_counter()
-    results = stream_methods(
+    job = ScoringJob(
         methods,
-        TrainFeatures.from_store(store, train),
-        test,
-        folder / "scores",
+        ScoreStore(folder / "scores"),
+        {},
+        Lazy(n, lambda i: f"train-{i:06d}"),
+        test.ids,
         Lazy(n, lambda i: f"c{i % CLASSES}"),
         test_labels,
-        Lazy(n, lambda i: f"train-{i:06d}"),
     )
+    results, _ = score_streamed(job, lambda: (TrainFeatures.from_store(store, train), test))
     seconds = time.perf_counter() - start
     return {
         "score_s": seconds,

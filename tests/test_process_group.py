@@ -146,7 +146,7 @@ def _check_sharded_features() -> None:
     """Features and scores split over the ranks come back whole and in order, also with an empty share."""
     from llm_attribution.data.schema import Example
     from llm_attribution.features.gradients import Features
-    from llm_attribution.features.ranks import collect_sharded, score_sharded
+    from llm_attribution.features.ranks import collect_on_ranks, score_on_ranks
 
     def collect(examples) -> Features:  # a feature that says which example and which block it belongs to
         index = torch.tensor([float(e.prompt) for e in examples])
@@ -156,13 +156,13 @@ def _check_sharded_features() -> None:
 
     for n in (1, 3):  # 1 example: rank 1 has none
         examples = [Example(f"e{i}", str(i), "r", "l") for i in range(n)]
-        gathered, expected = collect_sharded(examples, collect), collect(examples)
+        gathered, expected = collect_on_ranks(examples, collect), collect(examples)
         assert gathered.ids == expected.ids and list(gathered.blocks) == ["b", "a"]
         assert all(torch.equal(gathered.blocks[k], expected.blocks[k]) for k in expected.blocks)
         assert torch.equal(gathered.representations, expected.representations)
         assert torch.equal(gathered.losses, expected.losses)
         assert gathered.shapes == {"b": (1, 2), "a": (1, 1)}
-        scores = score_sharded(lambda test: test.blocks["a"] @ torch.ones(1, 4), expected)
+        scores = score_on_ranks(lambda test: test.blocks["a"] @ torch.ones(1, 4), expected)
         assert torch.equal(scores, expected.blocks["a"] @ torch.ones(1, 4))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from llm_attribution.core.errors import RunError
 from llm_attribution.core.storage import atomic_dir, read_json, remove_stale_temporaries, write_bytes_atomic
-from llm_attribution.scoring.store import ScoreStore, read_run_scores
+from llm_attribution.scoring.store import ScoreStore
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch) -> None:
@@ -55,11 +55,12 @@ def test_damaged_json_is_named(tmp_path) -> None:
 
 
 def test_a_damaged_scores_file_is_named_when_read(tmp_path) -> None:
-    ScoreStore(tmp_path).put("exact", {"k": 1}, torch.ones(2, 3), 0.1, {}, ["a", "b", "c"], ["x", "y"])
-    assert torch.equal(read_run_scores(tmp_path, "exact"), torch.ones(2, 3))
+    store = ScoreStore(tmp_path / "scores")
+    store.put("exact", {"k": 1}, torch.ones(2, 3), 0.1, {}, ["a", "b", "c"], ["x", "y"])
+    assert torch.equal(store.read("exact"), torch.ones(2, 3))
     path = tmp_path / "scores" / "exact.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(RunError, match=r"exact\.safetensors is damaged"):
-        read_run_scores(tmp_path, "exact")
+        store.read("exact")

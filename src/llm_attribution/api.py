@@ -15,7 +15,8 @@ from .core.storage import read_json
 from .data.settings import DataSettings
 from .evaluation.metrics import Metrics
 from .features.gradients import Features, GradientSettings
-from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_explained, collect_run_features
+from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_run
+from .workflows.diagnose import run_features
 from .workflows.judge import judge_scores
 from .workflows.layout import SETTINGS_FILE
 from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
@@ -30,13 +31,7 @@ def collect(
     run: str | Path, epoch: int | None = None, gradients: GradientSettings | None = None
 ) -> tuple[Features, Features]:
     """Per-example LoRA gradients and representations of a run's train and test examples (stored, reused)."""
-    run = Path(run)
-    explained = open_run(run, epoch)
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    features, _ = collect_run_features(
-        explained, config.prompt, gradients or GradientSettings(), config.model
-    )
-    return features["train"], features["test"]
+    return run_features(Path(run), epoch, gradients)
 
 
 def attribute(
@@ -49,11 +44,9 @@ def attribute(
     """Score a run with ``methods``; returns and writes ``results.json`` (HIGHER = more supportive)."""
     run = Path(run)
     settings = AttributeSettings(methods=tuple(methods), method_options=tuple(method_options), epoch=epoch)
-    explained = open_run(run, epoch)
+    loaded_run = open_run(run, epoch)
     config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    return attribute_explained(
-        explained, settings, config.prompt, gradients or GradientSettings(), config.model
-    )
+    return attribute_run(loaded_run, settings, config.prompt, gradients or GradientSettings(), config.model)
 
 
 def evaluate(

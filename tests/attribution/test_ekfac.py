@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_attribution.attribution.base import InnerProductMethod, get_method
+from llm_attribution.attribution.base import InnerProductMethod
 from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.errors import ConfigError
 
 SHAPES = {"q.lora_A": (3, 7), "q.lora_B": (5, 3)}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_attribution.attribution.base import BlockGroup, InnerProductMethod, get_method
+from llm_attribution.attribution.base import InnerProductMethod
 from llm_attribution.attribution.grouping import stack_rows, width_groups
+from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.attribution.registry import get_method
 
 
 def test_unbatched_groups_are_single_blocks_in_order() -> None:
@@ -40,23 +42,22 @@ def test_stack_rows_is_a_view_for_one_block_and_a_converted_copy_otherwise() -> 
 @pytest.mark.parametrize("name", ["datainf", "hessian-free", "exact"])
 def test_batched_transform_equals_block_by_block(name: str) -> None:
     rng = torch.Generator().manual_seed(0)
-    train = {f"b{i}": (i + 1.0) * torch.randn(40, 24, generator=rng, dtype=torch.float64) for i in range(3)}
-    test = {k: torch.randn(5, 24, generator=rng, dtype=torch.float64) for k in train}
-    method = get_method(name, chunk_size=16)  # several row chunks of test and train
+    train = {f"b{i}": (i + 1.0) * torch.randn(40, 24, generator=rng) for i in range(3)}
+    test = {k: torch.randn(5, 24, generator=rng) for k in train}
+    method = get_method(name, chunk_size=16, product_dtype="bfloat16")  # several row chunks of each
     assert isinstance(method, InnerProductMethod)
-    group = BlockGroup.gather(list(train), train, test, torch.float64, torch.float64, torch.device("cpu"))
-    assert group is not None
-    batched = method.transform_test_group(group)
-    for index, block in enumerate(train):
-        one = method.transform_test(block, train[block], test[block])
-        torch.testing.assert_close(batched[index], one, rtol=1e-12, atol=1e-12)
+    assert method.block_groups({k: 24 for k in train}, 40) == [list(train)]  # one batched group
+    batched = method.transform_test(TrainPasses.from_blocks(train, 16), test)
+    for block in train:
+        one = method.transform_test(TrainPasses.from_blocks({block: train[block]}, 16), {block: test[block]})
+        torch.testing.assert_close(batched[block], one[block], rtol=1e-6, atol=1e-6)
 
 
-def test_a_group_of_all_zero_blocks_is_skipped() -> None:
+def test_all_zero_blocks_are_left_out_and_score_zero() -> None:
     train = {"z": torch.zeros(6, 4), "y": torch.zeros(6, 4)}
     test = {"z": torch.randn(2, 4), "y": torch.randn(2, 4)}
-    assert (
-        BlockGroup.gather(["z", "y"], train, test, torch.float32, torch.bfloat16, torch.device("cpu")) is None
-    )
-    scores = get_method("datainf", product_dtype="bfloat16").score(train, test)
+    method = get_method("datainf", product_dtype="bfloat16")
+    assert isinstance(method, InnerProductMethod)
+    assert method.transform_test(TrainPasses.from_blocks(train, 4), test) == {}
+    scores = method.score(train, test)
     assert torch.equal(scores, torch.zeros(2, 6))

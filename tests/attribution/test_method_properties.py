@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_methods import TALL, WIDE, make_problem, ref_exact, ref_hessian_free, rel_err
 
-from llm_attribution.attribution.base import get_method
-from llm_attribution.attribution.lissa import LissaDivergenceWarning
+from llm_attribution.attribution.methods.lissa import LissaDivergenceWarning
+from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.errors import DataError
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from llm_attribution.attribution.base import AttributionMethod, InnerProductMethod, PartialScores, get_method
+from llm_attribution.attribution.base import InnerProductMethod, PartialScores
+from llm_attribution.attribution.registry import get_method
 
 Blocks = dict[str, torch.Tensor]
 
@@ -126,9 +127,9 @@ CASES = [
 IDS = [case.id for case in CASES]
 
 
-def build(case: Case, **overrides: Any) -> AttributionMethod:
+def build(case: Case, **overrides: Any) -> InnerProductMethod:
     method = get_method(case.method, **{**case.options, **overrides})
-    assert isinstance(method, AttributionMethod)
+    assert isinstance(method, InnerProductMethod)
     return method
 
 
@@ -177,25 +178,26 @@ def test_all_zero_block_contributes_nothing(case: Case) -> None:
 
 @pytest.mark.parametrize("name", ["hessian-free", "datainf", "exact", "lissa"])
 def test_scoring_resumed_after_any_block_is_bit_identical(name: str, monkeypatch) -> None:
-    """accumulate() from the running sum after k blocks redoes only the rest and gives the same bits."""
+    """score() from the running sum after k blocks redoes only the rest and gives the same bits."""
     rng = torch.Generator().manual_seed(5)
     train = {f"b{i}": torch.randn(12, 7 + i, generator=rng) for i in range(4)}
     test = {k: torch.randn(3, v.shape[1], generator=rng) for k, v in train.items()}
     method = get_method(name)
     kept: list[PartialScores] = []
-    whole = method.accumulate(
-        train, test, after_block=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
+    assert isinstance(method, InnerProductMethod)
+    whole = method.score(
+        train, test, after_group=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
     )
     assert [p.blocks_done for p in kept] == [1, 2, 3]
     assert torch.equal(whole, method.score(train, test))
     calls: list[str] = []
-    original = method.transform_test_group
+    original = method.transform_test
     monkeypatch.setattr(
-        method, "transform_test_group", lambda group: calls.extend(group.names) or original(group)
+        method, "transform_test", lambda passes, blocks: calls.extend(blocks) or original(passes, blocks)
     )
     for partial in kept:
         calls.clear()
-        assert torch.equal(method.accumulate(train, test, partial), whole)
+        assert torch.equal(method.score(train, test, partial), whole)
         assert calls == [f"b{i}" for i in range(partial.blocks_done, 4)]
 
 
@@ -209,12 +211,13 @@ def test_grouped_bfloat16_scoring_resumes_at_group_boundaries_only(name: str) ->
     test = {k: torch.randn(3, v.shape[1], generator=rng) for k, v in train.items()}
     method = get_method(name, product_dtype="bfloat16")
     assert isinstance(method, InnerProductMethod)
-    assert method.block_groups(train, list(train)) == [["b0", "b2", "b4"], ["b1", "b3"]]
+    widths_of = {name: block.shape[1] for name, block in train.items()}
+    assert method.block_groups(widths_of, 12) == [["b0", "b2", "b4"], ["b1", "b3"]]
     kept: list[PartialScores] = []
-    whole = method.accumulate(
-        train, test, after_block=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
+    whole = method.score(
+        train, test, after_group=lambda p: kept.append(PartialScores(p.blocks_done, p.sum.clone()))
     )
     assert [p.blocks_done for p in kept] == [3]
-    assert torch.equal(method.accumulate(train, test, kept[0]), whole)
+    assert torch.equal(method.score(train, test, kept[0]), whole)
     inside = PartialScores(1, torch.full_like(kept[0].sum, 1e6))  # not a group boundary: ignored
-    assert torch.equal(method.accumulate(train, test, inside), whole)
+    assert torch.equal(method.score(train, test, inside), whole)

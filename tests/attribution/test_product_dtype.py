@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_attribution.attribution.base import InnerProductMethod, get_method
+from llm_attribution.attribution.base import InnerProductMethod
 from llm_attribution.attribution.passes import TrainPasses
+from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.errors import ConfigError
 
 BF16_TOL = 1e-2  # relative Frobenius error: bf16 keeps 8 bits of mantissa (unit roundoff 2^-9)

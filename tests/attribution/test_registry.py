@@ -6,14 +6,8 @@ import dataclasses
 
 import pytest
 
-from llm_attribution.attribution.base import (
-    AttributionMethod,
-    RepresentationMethod,
-    available_methods,
-    get_method,
-    method_class,
-    register,
-)
+from llm_attribution.attribution.base import InnerProductMethod, RepresentationMethod
+from llm_attribution.attribution.registry import available_methods, get_method, method_class, register
 from llm_attribution.core.errors import ConfigError
 
 ALL = ("datainf", "exact", "hessian-free", "lissa", "lissa-study", "repsim")
@@ -24,7 +18,7 @@ def test_every_method_is_registered_with_its_kind() -> None:
     for name in ALL:
         method = get_method(name)
         assert method.name == name
-        expected = RepresentationMethod if name == "repsim" else AttributionMethod
+        expected = RepresentationMethod if name == "repsim" else InnerProductMethod
         assert isinstance(method, expected)
         assert method.kind == ("representation" if name == "repsim" else "gradient")
         assert dataclasses.is_dataclass(method.settings)
@@ -60,10 +54,10 @@ def test_bad_options_are_config_errors(name: str, options: dict[str, object], me
 def test_duplicate_names_are_refused() -> None:
     taken = method_class("datainf")
 
-    class Impostor(AttributionMethod):
+    class Impostor(InnerProductMethod):
         name = "datainf"
 
-        def score(self, train, test):  # type: ignore[no-untyped-def]
+        def transform_test(self, train, test):  # type: ignore[no-untyped-def]
             raise NotImplementedError
 
     with pytest.raises(TypeError, match="datainf"):

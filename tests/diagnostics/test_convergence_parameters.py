@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from llm_attribution.cli import main
 from llm_attribution.data.schema import Example
+from llm_attribution.diagnostics.behaviour import judge_labels
+from llm_attribution.diagnostics.convergence import gradient_cosine
 from llm_attribution.features.gradients import Features
-from llm_attribution.workflows.convergence import gradient_cosine
-from llm_attribution.workflows.parameters import adapter_update_norms, judge_labels
+from llm_attribution.models.lora import adapter_update_norms
 from tests.helpers import run_cli
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from llm_attribution.evaluation.grid import per_class_markdown
 from llm_attribution.features import store as store_module
 from llm_attribution.workflows import runs as pipeline_module
-from llm_attribution.workflows.study import per_class_markdown
 from tests.helpers import run_cli
 
 ARGS = [

@@ -22,6 +22,7 @@ from llm_attribution.data.templates import PromptSettings
 from llm_attribution.features.gradients import GradientSettings
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.scoring import engine
 from llm_attribution.workflows import attribute as scoring
 from llm_attribution.workflows import runs as pipeline
 from llm_attribution.workflows.attribute import collect_run_features
@@ -58,7 +59,7 @@ def run(tmp_path_factory) -> tuple[Path, FinetuneConfig]:  # type: ignore[no-unt
 def calls(monkeypatch) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """How often each stage computed something: fine-tuning, feature shards per split, method scorings."""
     counts = {"finetune": 0, "train": 0, "test": 0, "score": 0}
-    finetune, collect, score = pipeline.finetune, scoring.collect_features, scoring._score_resumably
+    finetune, collect, score = pipeline.finetune, scoring.collect_features, engine.score_resumably
 
     def counting_finetune(*args, **kwargs):  # type: ignore[no-untyped-def]
         counts["finetune"] += 1
@@ -74,7 +75,7 @@ def calls(monkeypatch) -> dict[str, int]:  # type: ignore[no-untyped-def]
 
     monkeypatch.setattr(pipeline, "finetune", counting_finetune)
     monkeypatch.setattr(scoring, "collect_features", counting_collect)
-    monkeypatch.setattr(scoring, "_score_resumably", counting_score)
+    monkeypatch.setattr(engine, "score_resumably", counting_score)
     return counts
 
 
@@ -124,10 +125,10 @@ def test_finetuning_reuses_the_same_settings(run, calls) -> None:
 # ---------------------------------------------------------------------------------------------- features
 
 
-def _collect(explained, config: FinetuneConfig, **changes) -> None:  # type: ignore[no-untyped-def]
+def _collect(loaded_run, config: FinetuneConfig, **changes) -> None:  # type: ignore[no-untyped-def]
     prompt = dataclasses.replace(config.prompt, **changes.pop("prompt", {}))
     model = dataclasses.replace(config.model, **changes.pop("model", {}))
-    collect_run_features(explained, prompt, GradientSettings(), model, shard_size=256)
+    collect_run_features(loaded_run, prompt, GradientSettings(), model, shard_size=256)
 
 
 FEATURE_CHANGES = {
@@ -141,27 +142,27 @@ FEATURE_CHANGES = {
 @pytest.mark.parametrize("setting", FEATURE_CHANGES)
 def test_features_are_recomputed_when_a_setting_changes(run, calls, tmp_path, setting: str) -> None:
     folder = Path(shutil.copytree(run[0], tmp_path / "run"))
-    explained = open_run(folder)
-    _collect(explained, run[1])
+    loaded_run = open_run(folder)
+    _collect(loaded_run, run[1])
     assert (calls["train"], calls["test"]) == (0, 0)  # unchanged: read from the store
-    _collect(explained, run[1], **FEATURE_CHANGES[setting])
+    _collect(loaded_run, run[1], **FEATURE_CHANGES[setting])
     assert (calls["train"], calls["test"]) == (1, 1)
 
 
 def test_features_are_recomputed_for_other_model_adapter_or_data(run, calls, tmp_path) -> None:
     folder = Path(shutil.copytree(run[0], tmp_path / "run"))
-    explained = open_run(folder)
-    explained.loaded.spec = "another-model"  # what run_identity reads as the model
-    _collect(explained, run[1])
+    loaded_run = open_run(folder)
+    loaded_run.base.spec = "another-model"  # what run_identity reads as the model
+    _collect(loaded_run, run[1])
     assert (calls["train"], calls["test"]) == (1, 1)
-    explained = open_run(folder)
-    _collect(select_epoch(explained, 1), run[1])  # the adapter of epoch 1: other weights
+    loaded_run = open_run(folder)
+    _collect(select_epoch(loaded_run, 1), run[1])  # the adapter of epoch 1: other weights
     assert (calls["train"], calls["test"]) == (2, 2)
     # one training response changed: the training split is recomputed, the test split reused
-    train = list(explained.task.train)
+    train = list(loaded_run.task.train)
     train[0] = dataclasses.replace(train[0], response=train[0].response + "!")
-    task = dataclasses.replace(explained.task, train=tuple(train))
-    _collect(dataclasses.replace(explained, task=task), run[1])
+    task = dataclasses.replace(loaded_run.task, train=tuple(train))
+    _collect(dataclasses.replace(loaded_run, task=task), run[1])
     assert (calls["train"], calls["test"]) == (3, 2)
 
 

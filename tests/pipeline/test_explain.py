@@ -42,7 +42,7 @@ def test_explain_ranks_triggered_examples_first(tmp_path, capsys) -> None:
         assert [row["rank"] for row in rows] == [1, 2, 3]
         assert rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
 
-    # without --response the model's own answer is explained, shown as a table
+    # without --response the model's own answer is loaded_run, shown as a table
     code, out, err = run_cli(
         ["explain", "--run", str(run), "--prompt", prompt, "--top", "2", "--methods", "repsim", "--quiet"],
         capsys,

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llm_attribution.attribution.base import available_methods, get_method
+from llm_attribution.attribution.registry import available_methods, get_method
 from llm_attribution.core.errors import RunError
 from llm_attribution.data.templates import PromptSettings
 from llm_attribution.evaluation.metrics import evaluate
@@ -23,14 +23,16 @@ from llm_attribution.features.store import FeatureStore
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
-from llm_attribution.scoring.streamed import (
-    ScoreFile,
-    TrainFeatures,
-    evaluate_file,
-    stream_methods,
+from llm_attribution.scoring.engine import (
+    MethodResult,
+    ScoringJob,
+    score_features,
+    score_streamed,
     stream_scores,
 )
-from llm_attribution.workflows.attribute import score_features
+from llm_attribution.scoring.score_file import ScoreFile, evaluate_file
+from llm_attribution.scoring.store import ScoreStore
+from llm_attribution.scoring.train_features import TrainFeatures
 from tests.helpers import run_cli, tiny_run_args, toy_task
 
 STREAMED_TOL = 1e-5  # float32 scores: the same algebra, summed in another order
@@ -47,6 +49,15 @@ VARIANTS = {
     "exact:dense": {"solver": "dense"},
     "exact:capped": {"woodbury_max_rows": 10},
 }
+
+
+def stream_methods(
+    methods, train, test, folder, train_labels, test_labels, train_ids
+) -> dict[str, MethodResult]:  # type: ignore[no-untyped-def]
+    """The engine's streamed schedule on these methods, their scores kept in ``folder``."""
+    job = ScoringJob(methods, ScoreStore(folder), {}, train_ids, test.ids, train_labels, test_labels)
+    results, _ = score_streamed(job, lambda: (train, test))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +124,7 @@ def test_score_file_carries_ids_and_is_judged_in_row_blocks(tiny_features, tmp_p
     assert json.loads(metadata["test_ids"]) == [e.id for e in task.test]
     assert "higher" in metadata["convention"]
     # judged two test rows at a time: the same metrics as judging the matrix whole
-    monkeypatch.setattr("llm_attribution.scoring.streamed.EVALUATION_BYTES", 2 * 4 * 23)
+    monkeypatch.setattr("llm_attribution.scoring.score_file.EVALUATION_BYTES", 2 * 4 * 23)
     labels = ([e.label for e in task.train], [e.label for e in task.test])
     blocked, whole = evaluate_file(path, *labels), evaluate(read_scores(path), *labels)
     assert np.array_equal(blocked.per_test_hit, whole.per_test_hit) and blocked.coverage == whole.coverage

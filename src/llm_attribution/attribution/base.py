@@ -14,21 +14,19 @@ class says which features it needs through ``kind``.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import itertools
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 
 from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
-from .grouping import stack_rows, width_groups
+from .grouping import width_groups
 from .passes import TrainPasses, row_norms_squared
 
 logger = logging.getLogger(__name__)
@@ -38,10 +36,6 @@ GradientBlocks = Mapping[str, torch.Tensor]
 
 GRADIENT = "gradient"
 REPRESENTATION = "representation"
-
-# Modules that register the built-in methods; imported on the first registry lookup.
-_BUILTIN_MODULES = ("hessian_free", "datainf", "exact", "ekfac", "lissa", "repsim")
-
 
 PRODUCT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -142,69 +136,56 @@ class Method(ABC):
         return f"{type(self).__name__}({self.settings!r})"
 
 
-class AttributionMethod(Method):
-    """A gradient-based method: per-example gradients in, score matrix out."""
+class InnerProductMethod(Method):
+    """A gradient method: score = sum over blocks of ``transform_test(g_test) . g_train``.
+
+    A method is written once, as :meth:`transform_test` over :class:`~.passes.TrainPasses`; the same code
+    then scores in memory (:meth:`score`: the training blocks held, a group of blocks at a time, resumable
+    after any group), streamed from the feature store (:meth:`score_streamed`: every block at once, then
+    one scoring pass), under torchrun (each rank a slice of the test rows) and for one query.
+    Blocks whose training gradients are all zero contribute nothing (every inner product with them is
+    zero) and are left out, which also keeps damping ``0`` from dividing by zero.
+    """
 
     kind: ClassVar[str] = GRADIENT
 
     @abstractmethod
-    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
-        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The test gradients ``[m, d]`` of every block of ``train`` with non-zero training gradients
+        (:func:`live_blocks`), mapped to the vectors dotted with the training rows, in the compute dtype.
 
-
-class InnerProductMethod(AttributionMethod):
-    """Score = sum over blocks of ``transform_test(block) . g_train``, in chunks of test rows.
-
-    Blocks whose training gradients are all zero contribute nothing (every inner product with them is
-    zero) and are skipped, which also keeps damping ``0`` from dividing by zero.
-    """
-
-    @abstractmethod
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
-    ) -> torch.Tensor:
-        """The test gradients of one block ``[m, d]`` mapped to the vectors dotted with ``train_block`` rows.
-
-        Both inputs share one floating dtype (at least float32); the result has the same shape and dtype.
-        Implementations chunk over rows themselves, so per-block work (a factorisation) is done once.
+        ``train`` is read in passes over its chunks (its statistics -- damping, norms -- come free); the
+        passes a method makes and the memory it holds besides are tabled in :mod:`.passes`.
         """
 
-    def transform_test_group(self, group: BlockGroup) -> torch.Tensor:
-        """:meth:`transform_test` of a group of blocks of equal width: ``[B, m, d]`` in the compute dtype.
+    def begin_scoring(self) -> None:
+        """Called before a score matrix is computed (its transforms may come group by group)."""
 
-        This default transforms one block at a time; methods whose own products batch over blocks
-        override it and use ``group.stacked_train``.
-        """
-        return torch.stack(
-            [self.transform_test(name, group.train[name], group.test[name]) for name in group.names]
-        )
+    def end_scoring(self, n_blocks: int) -> None:
+        """Called once the score matrix is complete, to say what concerns the whole of it (LiSSA:
+        which blocks its depth was too short for); ``n_blocks``: how many blocks were scored."""
 
-    def block_groups(self, train: GradientBlocks, names: Sequence[str]) -> list[list[str]]:
+    def block_groups(self, widths: Mapping[str, int], rows: int) -> list[list[str]]:
         """The blocks scored together (:func:`~.grouping.width_groups`): equal widths batched when the
         products run in a lower precision (the stacking copy is then the rounding), else one by one."""
-        rows = train[names[0]].shape[0]
-        widths = {name: train[name].shape[1] for name in names}
         return width_groups(widths, rows, self.settings.chunk_size, batched=self.low_precision is not None)
 
-    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
-        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more."""
-        return self.accumulate(train, test)
-
-    def accumulate(
+    def score(
         self,
         train: GradientBlocks,
         test: GradientBlocks,
         partial: PartialScores | None = None,
-        after_block: Callable[[PartialScores], None] | None = None,
+        after_group: Callable[[PartialScores], None] | None = None,
     ) -> torch.Tensor:
-        """:meth:`score`, group of blocks by group from ``partial`` (the sum over the blocks of the first
-        groups, as ``after_block`` was given it), so that scoring interrupted after any group resumes there
-        with identical results. A partial sum that does not end on a group boundary is not used."""
+        """Float32 ``[n_test, n_train]`` scores of gradients held in memory; HIGHER = the training example
+        supports the test more. Group of blocks by group (:meth:`block_groups`), each transformed and
+        scored before the next; ``after_group`` is given the running sum after each group but the last,
+        and scoring given that sum as ``partial`` resumes there with identical results. A partial sum
+        that does not end on a group boundary is not used."""
         names, n_train, n_test = check_blocks(train, test)
         dtype = compute_dtype(train, test)
         device = train[names[0]].device
-        stack_dtype = self.low_precision or dtype
-        groups = self.block_groups(train, names)
+        groups = self.block_groups({name: train[name].shape[1] for name in names}, n_train)
         ends = list(itertools.accumulate(len(group) for group in groups))
         out = torch.zeros(n_test, n_train, dtype=dtype, device=device)
         first = 0
@@ -216,13 +197,58 @@ class InnerProductMethod(AttributionMethod):
         ):
             out.copy_(partial.sum)
             first = ends.index(partial.blocks_done) + 1
+        self.begin_scoring()
         for index in progress(range(first, len(groups)), desc=self.name, total=len(groups) - first):
-            group = BlockGroup.gather(groups[index], train, test, dtype, stack_dtype, device)
-            if group is not None:
-                self.add_group_product(out, self.transform_test_group(group), group.stacked_train)
-            if after_block is not None and index + 1 < len(groups):
-                after_block(PartialScores(ends[index], out))
+            blocks = {name: train[name].to(device=device, dtype=dtype) for name in groups[index]}
+            passes = TrainPasses.from_blocks(blocks, self.settings.chunk_size)
+            transformed = self.transform_test(passes, {name: test[name].to(device, dtype) for name in blocks})
+            for columns, scores in self.score_columns(transformed, passes, out):
+                out[:, columns] = scores
+            if after_group is not None and index + 1 < len(groups):
+                after_group(PartialScores(ends[index], out))
+        self.end_scoring(len(names))
         return out.to(torch.float32)
+
+    def stream(
+        self, train: TrainPasses, test: GradientBlocks
+    ) -> tuple[dict[str, torch.Tensor], Iterator[torch.Tensor]]:
+        """The transformed test gradients (their passes are read now) and, lazily, the float32
+        ``[n_test, n_chunk]`` scores of each training chunk in turn (the columns of :meth:`score`, read in
+        one more pass); HIGHER = the training example supports the test output more."""
+        dtype = train.compute_dtype(test)
+        self.begin_scoring()
+        transformed = self.transform_test(train, test)
+        self.end_scoring(len(train.statistics()))
+        first = next(iter(test.values()))
+        empty = torch.empty(first.shape[0], 0, dtype=dtype, device=first.device)
+        return transformed, (
+            scores.to(torch.float32) for _, scores in self.score_columns(transformed, train, empty)
+        )
+
+    def score_streamed(self, train: TrainPasses, test: GradientBlocks) -> Iterator[torch.Tensor]:
+        """The scores of :meth:`stream`, one training chunk at a time."""
+        return self.stream(train, test)[1]
+
+    def score_columns(
+        self, transformed: GradientBlocks, train: TrainPasses, into: torch.Tensor
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The scoring pass: per training chunk, its columns and ``into[:, columns]`` plus the products of
+        the transformed test gradients with the chunk's rows, summed over blocks (in place, in ``into``'s
+        dtype). A zero-width ``into`` starts every chunk from zeros (streamed scoring)."""
+        groups = self.block_groups({name: t.shape[1] for name, t in transformed.items()}, train.rows)
+        stack_dtype = self.low_precision or into.dtype
+        tests = [torch.stack([transformed[name] for name in group]) for group in groups]
+        for columns, chunk in train.stacked(groups, stack_dtype, into.device):
+            out = (
+                into[:, columns]
+                if into.shape[1]
+                else torch.zeros(
+                    into.shape[0], columns.stop - columns.start, dtype=into.dtype, device=into.device
+                )
+            )
+            for test_rows, stacked in zip(tests, chunk, strict=True):
+                self.add_group_product(out, test_rows, stacked.rows)
+            yield columns, out
 
     def add_group_product(self, out: torch.Tensor, transformed: torch.Tensor, stacked: torch.Tensor) -> None:
         """``out += sum_b transformed_b @ stacked_b^T`` (``[B, m, d]``, ``[B, n, d]``), in chunks of rows
@@ -236,91 +262,6 @@ class InnerProductMethod(AttributionMethod):
             for cols in self.chunks(out.shape[1]):
                 parts = self.product(low[:, rows], stacked[:, cols])
                 out[rows, cols] += parts.sum(dim=0, dtype=out.dtype)
-
-    # ------------------------------------------------------------------ streamed training gradients
-
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """``transform_test`` of every block, with the training gradients read in passes over chunks.
-
-        Blocks whose training gradients are all zero are left out (they score zero). This default gathers
-        each block's training rows in memory and calls :meth:`transform_test`; the built-in methods
-        override it with passes whose memory does not grow with n_train.
-        """
-        names, dtype = streamed_blocks(train, test)
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for chunk in train:
-            for name in names:
-                parts[name].append(chunk[name])
-        return {
-            name: self.transform_test(
-                name, torch.cat(parts[name]).to(test[name].device, dtype), test[name].to(dtype=dtype)
-            )
-            for name in names
-        }
-
-    def score_chunk(
-        self, transformed: GradientBlocks, chunk: GradientBlocks, n_test: int, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Float32 ``[n_test, n_chunk]`` scores of one training chunk against transformed test gradients
-        (accumulated in ``dtype``); HIGHER = the training example supports the test output more."""
-        n_chunk = next(iter(chunk.values())).shape[0]
-        device = next(iter(transformed.values())).device if transformed else torch.device("cpu")
-        out = torch.zeros(n_test, n_chunk, dtype=dtype, device=device)
-        for name, t in transformed.items():  # the training blocks' order, as in score()
-            self.add_product(out, t, chunk[name].to(device=device, dtype=dtype))
-        return out.to(torch.float32)
-
-    def score_streamed(self, train: TrainPasses, test: GradientBlocks) -> Iterator[torch.Tensor]:
-        """Float32 ``[n_test, n_chunk]`` scores, one training chunk at a time (the columns of :meth:`score`);
-        HIGHER = the training example supports the test output more."""
-        transformed = self.transform_test_streamed(train, test)
-        n_test, dtype = next(iter(test.values())).shape[0], train.compute_dtype(test)
-        for chunk in train:
-            yield self.score_chunk(transformed, chunk, n_test, dtype)
-
-
-@dataclass(frozen=True)
-class BlockGroup:
-    """Blocks of equal width scored together, with what every method may need of them."""
-
-    names: tuple[str, ...]
-    train: dict[str, torch.Tensor]  # [n, d] per block, compute dtype
-    test: dict[str, torch.Tensor]  # [m, d] per block, compute dtype
-    stacked_train: torch.Tensor  # [B, n, d] in the product dtype (a view when nothing is converted)
-    row_squares: torch.Tensor  # [B, n] squared norms ||g_i||^2 of the training rows, compute dtype
-
-    @classmethod
-    def gather(
-        cls,
-        names: Sequence[str],
-        train: GradientBlocks,
-        test: GradientBlocks,
-        dtype: torch.dtype,
-        stack_dtype: torch.dtype,
-        device: torch.device,
-    ) -> BlockGroup | None:
-        """The group's blocks whose training gradients are not all zero (the others contribute nothing
-        to any score, and skipping them keeps damping 0 from dividing by zero); None when none is left."""
-        g_train = {name: train[name].to(device=device, dtype=dtype) for name in names}
-        squares = {name: row_norms_squared(block) for name, block in g_train.items()}
-        live = tuple(name for name in names if bool(squares[name].any()))
-        if len(live) < len(names):
-            logger.debug("all-zero training gradients skipped: %s", sorted(set(names) - set(live)))
-        if not live:
-            return None
-        return cls(
-            names=live,
-            train={name: g_train[name] for name in live},
-            test={name: test[name].to(device=device, dtype=dtype) for name in live},
-            stacked_train=stack_rows([g_train[name] for name in live], stack_dtype, device),
-            row_squares=torch.stack([squares[name] for name in live]),
-        )
-
-    def damping(self, damping_scale: float) -> torch.Tensor:
-        """``[B]``: each block's :func:`block_damping`, from the row norms already computed."""
-        n, d = self.stacked_train.shape[1:]
-        sums = self.row_squares.to(torch.float64).sum(dim=1)
-        return (damping_scale * sums / (n * d)).to(self.row_squares.dtype)
 
 
 @dataclass(frozen=True)
@@ -385,9 +326,9 @@ def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str]
     return names, n_train, n_test
 
 
-def streamed_blocks(train: TrainPasses, test: GradientBlocks) -> tuple[list[str], torch.dtype]:
-    """The blocks a streamed transform works on (training gradients not all zero, as :meth:`score` skips
-    the others) and the compute dtype; checks that train and test blocks match."""
+def live_blocks(train: TrainPasses, test: GradientBlocks) -> tuple[list[str], torch.dtype]:
+    """The blocks a transform works on (training gradients not all zero: the others score zero) and the
+    compute dtype; checks that train and test blocks match."""
     names = train.check_test(test)
     statistics = train.statistics()
     return [name for name in names if statistics[name].nonzero], train.compute_dtype(test)
@@ -410,56 +351,3 @@ def block_damping(train_block: torch.Tensor, damping_scale: float) -> float:
     """
     total = float(row_norms_squared(train_block).to(torch.float64).sum())
     return damping_scale * total / train_block.numel()
-
-
-# --------------------------------------------------------------------------------------------- registry
-
-M = TypeVar("M", bound=type[Method])
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: M) -> M:
-    """Class decorator: make ``cls`` available to :func:`get_method` under ``cls.name``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    if getattr(cls, "kind", None) not in (GRADIENT, REPRESENTATION):
-        raise TypeError(f"{cls.__name__}.kind must be {GRADIENT!r} or {REPRESENTATION!r}")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls:
-        raise TypeError(f"attribution method name {name!r} is used by {existing.__name__} and {cls.__name__}")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
-
-
-def available_methods() -> tuple[str, ...]:
-    """Names of every registered method, sorted."""
-    _load_builtins()
-    return tuple(sorted(_REGISTRY))
-
-
-def method_class(name: str) -> type[Method]:
-    """The class registered as ``name`` (to read its ``kind`` or ``Settings`` before building it)."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown attribution method {name!r}; known methods: {known}") from None
-
-
-def get_method(name: str, **options: Any) -> Method:
-    """Build the method registered as ``name`` with settings ``options`` (unknown options -> ConfigError)."""
-    cls = method_class(name)
-    fields = {f.name for f in dataclasses.fields(cls.Settings)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(
-            f"method {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
-        )
-    return cls(cls.Settings(**options))

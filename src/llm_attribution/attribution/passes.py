@@ -1,11 +1,12 @@
-"""Training gradients streamed chunk by chunk, so that scoring memory does not grow with n_train.
+"""Training gradients as repeatable passes over chunks: the one form every gradient method reads.
 
 A :class:`TrainPasses` is re-iterable: each iteration is one pass over the training gradients in row
-order, chunk by chunk (the feature store's shards, or row slices of blocks in memory). The test gradients
+order, chunk by chunk. The chunks are the feature store's shards when scoring is streamed, or row slices
+of blocks held in memory (:meth:`TrainPasses.from_blocks`; then a pass costs no I/O). The test gradients
 stay in memory. A gradient method maps them with a few passes
-(:meth:`~llm_attribution.attribution.base.InnerProductMethod.transform_test_streamed`), then one more pass
-scores every training chunk against the mapped test gradients. Passes before the scoring pass, and what
-each built-in method holds besides one chunk and the ``m`` test gradients (``d``: a block's width):
+(:meth:`~llm_attribution.attribution.base.InnerProductMethod.transform_test`), then one more pass scores
+every training chunk against the mapped test gradients. Passes before the scoring pass, and what each
+built-in method holds besides one chunk and the ``m`` test gradients (``d``: a block's width):
 
 =================  =========================================  =============================================
 method             passes                                     memory per block
@@ -15,25 +16,30 @@ datainf            statistics, Sherman-Morrison sum           ``m x d`` accumula
 exact              statistics, then ``G^T G`` (``d x d``),    ``d x d``; Woodbury: ``n x d`` rows and
                    or the rows when Woodbury applies          ``n x n`` (only while ``n < d``)
 lissa, -study      statistics, then ``F`` (``d x d``) when    ``d x d``, else ``m x d`` iterates
-                   ``d <= chunk_size``, else one per step     (lissa's mini-batches: rows gathered)
+                   streamed and ``d <= chunk_size``, else     (lissa's mini-batches: rows gathered)
+                   one per step
+ekfac-example      statistics, factors, eigenvalues           ``o x o``, ``i x i`` and ``o x i``
 repsim             --                                         --
 =================  =========================================  =============================================
 
 The statistics pass (per-block damping, norms, validation) is done once and shared by every method
-that scores with the same :class:`TrainPasses`. LiSSA on blocks wider than ``chunk_size`` reads the
-training gradients once per recursion step (``depth`` passes); projecting gradients
+that scores with the same :class:`TrainPasses`. LiSSA on streamed blocks wider than ``chunk_size`` reads
+the training gradients once per recursion step (``depth`` passes); projecting gradients
 (``--projection-dim``) makes blocks narrow enough for its one-pass form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..core.errors import DataError
 from ..core.progress import progress
+from .grouping import stack_rows
 
 Blocks = Mapping[str, torch.Tensor]
 
@@ -64,27 +70,70 @@ class TrainPasses:
     """
 
     def __init__(
-        self, passes: Callable[[], Iterable[Blocks]], chunks: int | None = None, desc: str = "train chunks"
+        self,
+        passes: Callable[[], Iterable[Blocks]],
+        chunks: int | None = None,
+        desc: str | None = "train chunks",
+        held: Blocks | None = None,
     ) -> None:
         self._passes = passes
         self._chunks = chunks
         self._desc = desc
         self._statistics: dict[str, BlockStatistics] | None = None
+        self._row_squares: dict[str, torch.Tensor] = {}  # kept for held blocks only: n numbers a block
+        self._stacked: dict[tuple[Any, ...], list[tuple[slice, list[StackedChunk]]]] = {}
         self._dtype = torch.float32
+        self.held = held  # the blocks themselves when they are in memory (a pass then costs no I/O)
         self.count = 0  # passes started, for cost accounting
 
     @classmethod
-    def from_blocks(cls, blocks: Blocks, chunk_size: int) -> TrainPasses:
-        """Row slices of blocks held in memory (for the API and for checks against the in-memory path)."""
+    def from_blocks(cls, blocks: Blocks, chunk_size: int, desc: str | None = None) -> TrainPasses:
+        """Row slices of blocks held in memory: the in-memory path is this, with no progress bar."""
         rows = next(iter(blocks.values())).shape[0] if blocks else 0
         starts = range(0, rows, chunk_size)
         return cls(
-            lambda: ({k: v[s : s + chunk_size] for k, v in blocks.items()} for s in starts), len(starts)
+            lambda: ({k: v[s : s + chunk_size] for k, v in blocks.items()} for s in starts),
+            len(starts),
+            desc,
+            held=blocks,
         )
 
     def __iter__(self) -> Iterator[Blocks]:
         self.count += 1
+        if self._desc is None:
+            return iter(self._passes())
         return iter(progress(self._passes(), desc=self._desc, total=self._chunks))
+
+    def stacked(
+        self, groups: Sequence[Sequence[str]], dtype: torch.dtype, device: torch.device
+    ) -> Iterator[tuple[slice, list[StackedChunk]]]:
+        """One pass: each chunk's training rows (columns of the score matrix) and one :class:`StackedChunk`
+        per group of equal-width blocks, the rows
+        in ``dtype`` (the copy that rounding to bf16 needs anyway; a view when nothing is converted).
+        Held blocks are stacked once and kept, so a method's own products and the scoring pass share
+        the copy."""
+        key = (tuple(map(tuple, groups)), dtype, device)
+        if key in self._stacked:
+            self.count += 1
+            yield from self._stacked[key]
+            return
+        kept: list[tuple[slice, list[StackedChunk]]] = []
+        start = 0
+        for chunk in self:
+            columns = slice(start, start + next(iter(chunk.values())).shape[0])
+            stacked = [StackedChunk(self, columns, chunk, tuple(group), dtype, device) for group in groups]
+            if self.held is not None:
+                kept.append((columns, stacked))
+            yield columns, stacked
+            start = columns.stop
+        if self.held is not None:
+            self._stacked[key] = kept
+
+    def row_squares(self, name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
+        """``[c]`` squared norms of a chunk's rows of block ``name`` (kept from the statistics pass for
+        held blocks, else computed from ``chunk``)."""
+        kept = self._row_squares.get(name)
+        return kept[rows] if kept is not None else row_norms_squared(chunk)
 
     def statistics(self) -> dict[str, BlockStatistics]:
         """Per block (in the chunks' block order): rows, width, sum of squares, largest row norm."""
@@ -104,6 +153,7 @@ class TrainPasses:
 
     def _compute_statistics(self) -> dict[str, BlockStatistics]:
         rows = 0
+        kept: dict[str, list[torch.Tensor]] = {}
         widths: dict[str, int] = {}
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
@@ -122,12 +172,16 @@ class TrainPasses:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
                 if size:
-                    squares = row_norms_squared(block).to(torch.float64)  # as block_damping
-                    sums[name] += float(squares.sum())
-                    maxima[name] = max(maxima[name], float(squares.max()))
+                    squares = row_norms_squared(block)
+                    if self.held is not None:
+                        kept.setdefault(name, []).append(squares)
+                    wide = squares.to(torch.float64)  # as block_damping
+                    sums[name] += float(wide.sum())
+                    maxima[name] = max(maxima[name], float(wide.max()))
             rows += size
         if rows <= 0:
             raise DataError("no training examples (gradient blocks have 0 rows)")
+        self._row_squares = {name: torch.cat(parts) for name, parts in kept.items()}
         return {name: BlockStatistics(rows, widths[name], sums[name], maxima[name]) for name in widths}
 
     def check_test(self, test: Blocks) -> list[str]:
@@ -158,6 +212,34 @@ class TrainPasses:
         return dtype
 
 
+class StackedChunk:
+    """One chunk of a group of equal-width blocks, stacked ``[B, c, d]`` (:meth:`TrainPasses.stacked`)."""
+
+    def __init__(
+        self,
+        passes: TrainPasses,
+        columns: slice,
+        chunk: Blocks,
+        names: tuple[str, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.names = names
+        self.rows = stack_rows([chunk[name] for name in names], dtype, device)
+        self._passes, self._chunk, self._device = passes, chunk, device
+        self.columns = columns
+
+    @functools.cached_property
+    def squares(self) -> torch.Tensor:
+        """``[B, c]`` squared row norms, in the blocks' own dtype (not the stacked copy's)."""
+        return torch.stack(
+            [
+                self._passes.row_squares(name, self.columns, self._chunk[name]).to(self._device)
+                for name in self.names
+            ]
+        )
+
+
 def row_norms_squared(block: torch.Tensor) -> torch.Tensor:
     """``[n]`` squared norms of a block's rows (one fast read; each row summed in the block's dtype)."""
     return torch.linalg.vector_norm(block, dim=1).square()
@@ -172,9 +254,11 @@ def _width(name: str, block: torch.Tensor) -> int:
 class FisherProducts:
     """``F h = (1/n) G^T G h`` for several blocks at once.
 
-    Blocks no wider than ``dense_width`` get their ``d x d`` Fisher accumulated (float64) in one pass, so
-    each product is a small matrix product (``d x d`` is then no more than one chunk of ``d``-wide rows);
-    wider blocks are multiplied by one pass over the training chunks per call.
+    Streamed blocks no wider than ``dense_width`` get their ``d x d`` Fisher accumulated (float64) in one
+    pass, so each product is a small matrix product (``d x d`` is then no more than one chunk of
+    ``d``-wide rows) instead of a pass over the store; wider blocks, and blocks held in memory (where a
+    pass is free and ``(h G^T) G`` is what the products were computed as before streaming existed), are
+    multiplied by one pass over the training chunks per call.
     """
 
     def __init__(
@@ -188,7 +272,7 @@ class FisherProducts:
                 statistics[name].width, statistics[name].width, dtype=torch.float64, device=device
             )
             for name in names
-            if statistics[name].width <= dense_width
+            if statistics[name].width <= dense_width and train.held is None
         }
         if self.dense:
             for chunk in train:

@@ -7,30 +7,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..api import attribute, collect, evaluate
+from ..api import attribute, evaluate
 from ..core.errors import UserError
-from ..core.storage import write_json_atomic
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
-from ..diagnostics.ihvp import damping_sweep
-from ..diagnostics.spectrum import spectra, summarize_spectra
+from ..evaluation.grid import study_markdown
 from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
-from ..workflows.attribute import RESULTS_FILE, AttributeSettings, attribute_explained, parse_method_options
-from ..workflows.convergence import convergence
+from ..workflows.attribute import AttributeSettings, attribute_run
+from ..workflows.diagnose import diagnose_convergence, diagnose_ihvp, diagnose_parameters, diagnose_spectrum
 from ..workflows.explain import explain, format_explanation
-from ..workflows.parameters import parameters_vs_behaviour
+from ..workflows.layout import RESULTS_FILE, STUDY_FILE
 from ..workflows.report.build import build_report, write_report
-from ..workflows.runs import FinetuneConfig, FinetuneReport, explain_adapter, finetune_run, select_epoch
-from ..workflows.study import STUDY_FILE, StudySettings, run_study, study_markdown
+from ..workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, run_with_adapter, select_epoch
+from ..workflows.study import StudySettings, run_study
 from .options import from_args
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
@@ -117,13 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = Path(args.out)
     with _removed_on_user_error(run):
         if args.adapter:
-            explained = explain_adapter(config, run, Path(args.adapter))
+            loaded_run = run_with_adapter(config, run, Path(args.adapter))
         else:
             report = finetune_run(config, run, show=args.show)
             _print_finetune(report)
-            explained = report.explained
-        explained = select_epoch(explained, attribute.epoch)
-        record = attribute_explained(explained, attribute, config.prompt, gradients, config.model)
+            loaded_run = report.loaded_run
+        loaded_run = select_epoch(loaded_run, attribute.epoch)
+        record = attribute_run(loaded_run, attribute, config.prompt, gradients, config.model)
     _print_methods(record)
     print(f"results: {run / RESULTS_FILE}")
     return 0
@@ -168,17 +165,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
-    run = Path(args.run)
-    train, test = collect(run, epoch=args.epoch)
-    per_block = spectra(train.blocks, test.blocks, damping_scale=args.damping_scale)
-    summary = summarize_spectra(per_block)
-    record = {
-        "summary": summary,
-        "damping_scale": args.damping_scale,
-        "epoch": args.epoch,
-        "blocks": {name: dataclasses.asdict(s) for name, s in per_block.items()},
-    }
-    write_json_atomic(run / "diagnostics" / "spectrum.json", record)
+    per_block, summary, path = diagnose_spectrum(Path(args.run), args.epoch, args.damping_scale)
     print(
         f"{'block':<40} {'n':>5} {'d':>6} {'rank':>5} {'eff.rank':>8} {'top eig':>10} {'damping':>10} "
         f"{'dirs<damp':>9} {'test energy<damp':>16}"
@@ -192,26 +179,15 @@ def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
     print(
         "median over blocks: " + ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in summary.items())
     )
-    print(f"spectrum: {run / 'diagnostics' / 'spectrum.json'}")
+    print(f"spectrum: {path}")
     return 0
 
 
 def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
-    run = Path(args.run)
     items = [item.strip() for item in args.method_options.split(",") if item.strip()]
-    options = parse_method_options(args.methods, items)
-    train, test = collect(run, epoch=args.epoch)
-    points = damping_sweep(
-        train.blocks, test.blocks, args.damping_scales, args.methods, options, max_test=args.max_test
+    points, path = diagnose_ihvp(
+        Path(args.run), args.epoch, args.damping_scales, args.methods, items, args.max_test
     )
-    record = {
-        "epoch": args.epoch,
-        "methods": list(args.methods),
-        "method_options": options,
-        "max_test": args.max_test,
-        "points": [dataclasses.asdict(p) for p in points],
-    }
-    write_json_atomic(run / "diagnostics" / "ihvp.json", record)
     names = list(args.methods)
     print(
         f"{'damping':>8}  "
@@ -231,15 +207,13 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
             + "  ".join(f"{p.rank_correlation_vs_exact[n]:>19.3f}" for n in names)
         )
     print("err: median over blocks of ||approx - exact|| / ||exact||; rho: mean Spearman over test examples")
-    print(f"ihvp: {run / 'diagnostics' / 'ihvp.json'}")
+    print(f"ihvp: {path}")
     return 0
 
 
 def cmd_diagnose_convergence(args: argparse.Namespace) -> int:
-    run = Path(args.run)
     settings = from_args(AttributeSettings, args)
-    rows = convergence(run, settings, from_args(GradientSettings, args))
-    write_json_atomic(run / "diagnostics" / "convergence.json", {"epochs": [row.__dict__ for row in rows]})
+    rows, path = diagnose_convergence(Path(args.run), settings, from_args(GradientSettings, args))
     methods = list(settings.methods)
     print(
         "epoch  train loss  test loss  grad cos(prev)  " + "  ".join(f"{m + ' acc/cov':>22}" for m in methods)
@@ -251,14 +225,12 @@ def cmd_diagnose_convergence(args: argparse.Namespace) -> int:
             f"{row.methods[m]['accuracy']:>10.3f}/{row.methods[m]['coverage']:<11.3f}" for m in methods
         )
         print(f"{row.epoch:>5}  {train_loss:>10}  {row.test_loss:>9.4f}  {cos:>14}  {cells}")
-    print(f"convergence: {run / 'diagnostics' / 'convergence.json'}")
+    print(f"convergence: {path}")
     return 0
 
 
 def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
-    run = Path(args.run)
-    rows = parameters_vs_behaviour(run, max_generations=args.generations)
-    write_json_atomic(run / "diagnostics" / "parameters.json", {"epochs": [row.__dict__ for row in rows]})
+    rows, path = diagnose_parameters(Path(args.run), args.generations)
     print("epoch  ||BA|| (all modules)  test loss  trigger rate  clean control")
     for row in rows:
         trig = "" if row.trigger_rate is None else f"{row.trigger_rate:.2f}"
@@ -266,7 +238,7 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
         print(
             f"{row.epoch:>5}  {row.update_norm_total:>20.4f}  {row.test_loss:>9.4f}  {trig:>12}  {ctrl:>13}"
         )
-    print(f"parameters: {run / 'diagnostics' / 'parameters.json'}")
+    print(f"parameters: {path}")
     return 0
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attribution.base import AttributionMethod, GradientBlocks, InnerProductMethod, check_blocks, get_method
+from ..attribution.base import GradientBlocks, InnerProductMethod, check_blocks
+from ..attribution.passes import TrainPasses
+from ..attribution.registry import get_method
 from ..core.errors import ConfigError
 from ..core.progress import progress
 
@@ -46,12 +48,20 @@ def compare_ihvp(
         if not bool(g_train.any()):
             continue
         v = test[block][rows].double()
-        transformed[REFERENCE][block] = exact = reference.transform_test(block, g_train, v)
+        transformed[REFERENCE][block] = exact = _transform_block(reference, block, g_train, v)
         for name, method in methods.items():
             transformed[name][block] = (
-                exact if method is reference else method.transform_test(block, g_train, v)
+                exact if method is reference else _transform_block(method, block, g_train, v)
             )
     return compare_transformed(transformed, test, REFERENCE, max_test)
+
+
+def _transform_block(
+    method: InnerProductMethod, block: str, train: torch.Tensor, test: torch.Tensor
+) -> torch.Tensor:
+    """``method``'s transform of one block's test rows, its training rows held in memory."""
+    passes = TrainPasses.from_blocks({block: train}, method.settings.chunk_size)
+    return method.transform_test(passes, {block: test})[block]
 
 
 def compare_transformed(
@@ -167,7 +177,7 @@ def damping_sweep(
             f"the damping sweep compares datainf and lissa with exact, not {', '.join(unknown)}"
         )
     options = options or {}
-    hessian_free = typing.cast(AttributionMethod, get_method("hessian-free")).score(train, test)
+    hessian_free = typing.cast(InnerProductMethod, get_method("hessian-free")).score(train, test)
     points = []
     for scale in progress(damping_scales, desc="damping sweep"):
         exact = typing.cast(InnerProductMethod, get_method("exact", damping_scale=scale))

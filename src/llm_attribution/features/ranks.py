@@ -1,4 +1,6 @@
-"""Per-example work split over the ranks of a ``torchrun`` job, gathered back in example order.
+"""Per-example work split over the ranks (processes) of a ``torchrun`` job, gathered back in example order.
+
+(The feature store's on-disk pieces are *shards*; the pieces of work ranks do are *slices*.)
 
 Gradient collection: each rank computes the features of its contiguous slice of the examples and every
 rank receives all rows (rank 0 stores them; every rank scores with them). Scoring: each rank scores its
@@ -22,7 +24,7 @@ _REPRESENTATIONS = "__representations__"
 _LOSSES = "__losses__"
 
 
-def collect_sharded(
+def collect_on_ranks(
     examples: Sequence[Example], collect: Callable[[Sequence[Example]], Features]
 ) -> Features:
     """``collect(examples)``, each rank computing a contiguous slice; every rank gets all rows."""
@@ -39,7 +41,7 @@ def collect_sharded(
     return _unflatten(flat, layout, [e.id for e in examples], shapes)
 
 
-def score_sharded(score: Callable[[Features], torch.Tensor], test: Features) -> torch.Tensor:
+def score_on_ranks(score: Callable[[Features], torch.Tensor], test: Features) -> torch.Tensor:
     """``score(test)`` (``[n_test, n_train]``), each rank scoring a contiguous slice of the test rows."""
     if not distributed.active():
         return score(test)

@@ -1,7 +1,7 @@
 """The on-disk feature store: per-example gradients and representations, shard by shard.
 
 ```
-RUN/features/<split>-<key>/
+FOLDER/<split>-<key>/      (a run keeps FOLDER at RUN/features, workflows/layout.py)
   manifest.json            fingerprint of everything that produced the features, shards with checksums
   shard-00000.safetensors  rows [0, shard_size): one tensor per LoRA block, plus representations, losses
   ...
@@ -35,7 +35,6 @@ from .gradients import Features
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
 MANIFEST = "manifest.json"
 REPRESENTATIONS_KEY = "__representations__"
 LOSSES_KEY = "__losses__"
@@ -49,11 +48,11 @@ def fingerprint_key(fingerprint: dict[str, Any]) -> str:
 
 
 class FeatureStore:
-    """Features of one split of one run, under one fingerprint."""
+    """Features of one split under one fingerprint, in a folder of its own below ``root``."""
 
-    def __init__(self, run: Path, split: str, fingerprint: dict[str, Any], shard_size: int = 256) -> None:
+    def __init__(self, root: Path, split: str, fingerprint: dict[str, Any], shard_size: int = 256) -> None:
         self.fingerprint = {"store_version": STORE_VERSION, **fingerprint}
-        self.folder = run / FEATURES_DIR / f"{split}-{fingerprint_key(self.fingerprint)}"
+        self.folder = root / f"{split}-{fingerprint_key(self.fingerprint)}"
         self.shard_size = shard_size
 
     @property

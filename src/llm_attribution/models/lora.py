@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from ..core.errors import ConfigError, ModelError
@@ -71,3 +73,18 @@ def adapter_fingerprint(adapter: Path) -> str:
         if (adapter / name).is_file():
             return file_sha256(adapter / name)
     raise ConfigError(f"{adapter} holds no adapter weights (adapter_model.safetensors)")
+
+
+def adapter_update_norms(adapter: Path) -> dict[str, float]:
+    """``||(alpha / r) B A||_F`` per adapted module of a saved peft adapter (no model needed)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = float(config["lora_alpha"]) / float(config["r"])
+    weights = load_file(str(adapter / ADAPTER_WEIGHTS))
+    norms = {}
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.").removeprefix("model.")
+        norms[module] = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double())))
+    return norms

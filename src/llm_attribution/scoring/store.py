@@ -1,7 +1,9 @@
-"""A run's score matrices, one file per method, with a manifest that makes them a checked cache.
+"""Score matrices, one file per method, with a manifest that makes them a checked cache.
+
+The store is handed its folder (a run keeps it at ``RUN/scores``, :mod:`~llm_attribution.workflows.layout`):
 
 ```
-RUN/scores/
+FOLDER/
   manifest.json          per method: the key its scores were computed under, the file's SHA-256, seconds
   <method>.safetensors   rows = test, columns = train; HIGHER = the training example supports the test more
   partial-<method>.safetensors   while a gradient method scores: its sum over the blocks done so far
@@ -35,25 +37,23 @@ from ..core.storage import file_sha256, read_json, write_bytes_atomic, write_jso
 
 log = logging.getLogger(__name__)
 
-SCORES_DIR = "scores"
 SCORES_MANIFEST = "manifest.json"
 CONVENTION = "higher = the training example supports the test output more"
 
 
-def scores_path(run: Path, method: str) -> Path:
-    return run / SCORES_DIR / f"{method}.safetensors"
-
-
-def partial_path(run: Path, method: str) -> Path:
-    return run / SCORES_DIR / f"partial-{method}.safetensors"
-
-
 class ScoreStore:
-    """The ``scores/`` folder of one run."""
+    """One folder of score matrices (a run's ``scores/``)."""
 
-    def __init__(self, run: Path) -> None:
-        self.run = run
-        self.manifest_path = run / SCORES_DIR / SCORES_MANIFEST
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.manifest_path = folder / SCORES_MANIFEST
+
+    def path(self, method: str) -> Path:
+        """The file of ``method``'s ``[n_test, n_train]`` scores."""
+        return self.folder / f"{method}.safetensors"
+
+    def _partial_path(self, method: str) -> Path:
+        return self.folder / f"partial-{method}.safetensors"
 
     def _manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
@@ -71,7 +71,7 @@ class ScoreStore:
         entry = self._manifest()["methods"].get(method)
         if entry is None or entry.get("key") != key:
             return None
-        path = scores_path(self.run, method)
+        path = self.path(method)
         try:
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -94,7 +94,7 @@ class ScoreStore:
         test_ids: Sequence[str],
     ) -> Path:
         """Write ``scores/<method>.safetensors`` (ids and settings in its metadata), then the manifest."""
-        path = scores_path(self.run, method)
+        path = self.path(method)
         data = save(
             {"scores": scores.contiguous()}, metadata=score_metadata(method, settings, train_ids, test_ids)
         )
@@ -105,7 +105,7 @@ class ScoreStore:
     def put_file(self, method: str, key: dict[str, Any], seconds: float) -> Path:
         """Record ``scores/<method>.safetensors``, already written in place (by streamed scoring, column
         block by column block), in the manifest with its checksum."""
-        path = scores_path(self.run, method)
+        path = self.path(method)
         self._record(method, key, file_sha256(path), seconds)
         return path
 
@@ -114,7 +114,7 @@ class ScoreStore:
         manifest["methods"][method] = {"key": key, "sha256": sha256, "seconds": seconds}
         manifest["partial"].pop(method, None)
         write_json_atomic(self.manifest_path, manifest)
-        partial_path(self.run, method).unlink(missing_ok=True)
+        self._partial_path(method).unlink(missing_ok=True)
 
     def cached_seconds(self, method: str, key: dict[str, Any]) -> float | None:
         """Like :meth:`cached`, but the file is only checked (hashed as a stream), not loaded: the seconds
@@ -122,7 +122,7 @@ class ScoreStore:
         entry = self._manifest()["methods"].get(method)
         if entry is None or entry.get("key") != key:
             return None
-        path = scores_path(self.run, method)
+        path = self.path(method)
         try:
             if file_sha256(path) != entry["sha256"]:
                 raise ValueError("checksum mismatch")
@@ -138,7 +138,7 @@ class ScoreStore:
         if entry is None or entry.get("key") != key:
             return None
         try:
-            data = partial_path(self.run, method).read_bytes()
+            data = self._partial_path(method).read_bytes()
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ValueError("checksum mismatch")
             total = load(data)["sum"]
@@ -150,7 +150,7 @@ class ScoreStore:
 
     def put_partial(self, method: str, key: dict[str, Any], partial: PartialScores, seconds: float) -> None:
         data = save({"sum": partial.sum.contiguous()})
-        write_bytes_atomic(partial_path(self.run, method), data)
+        write_bytes_atomic(self._partial_path(method), data)
         manifest = self._manifest()
         manifest["partial"][method] = {
             "key": key,
@@ -159,6 +159,22 @@ class ScoreStore:
             "seconds": seconds,
         }
         write_json_atomic(self.manifest_path, manifest)
+
+    def read(self, method: str) -> torch.Tensor:
+        """The stored scores of ``method`` (HIGHER = more supportive), checked against the manifest's
+        checksum when it has one; a damaged or missing file is a :class:`RunError` naming it."""
+        path = self.path(method)
+        entry = self._manifest()["methods"].get(method)
+        try:
+            data = path.read_bytes()
+            if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            return load(data)["scores"]
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            message = (
+                f"scores file {path} is damaged or missing ({exc}); run the same command again to recompute"
+            )
+            raise RunError(message) from None
 
     def cached_ihvp(self, key: dict[str, Any]) -> dict[str, Any] | None:
         """The stored comparison of inverse-Fisher approximations with exact, when made under ``key``."""
@@ -182,18 +198,3 @@ def score_metadata(
         "test_ids": json.dumps(list(test_ids)),
         "settings": json.dumps(dict(settings)),
     }
-
-
-def read_run_scores(run: Path, method: str) -> torch.Tensor:
-    """A run's stored scores of ``method`` (HIGHER = more supportive), checked against the manifest's
-    checksum when it has one; a damaged or missing file is a :class:`RunError` naming it."""
-    path = scores_path(run, method)
-    entry = ScoreStore(run)._manifest()["methods"].get(method)
-    try:
-        data = path.read_bytes()
-        if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ValueError("checksum mismatch")
-        return load(data)["scores"]
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        message = f"scores file {path} is damaged or missing ({exc}); run the same command again to recompute"
-        raise RunError(message) from None

@@ -9,47 +9,33 @@ import dataclasses
 import functools
 import logging
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-if typing.TYPE_CHECKING:
-    from .runs import Explained
-
-from ..attribution.base import (
-    GRADIENT,
-    AttributionMethod,
-    InnerProductMethod,
-    Method,
-    PartialScores,
-    RepresentationMethod,
-    get_method,
-    method_class,
-)
+from ..attribution.base import Method
+from ..attribution.registry import get_method, method_class
 from ..core import distributed
 from ..core.errors import ConfigError
-from ..core.pause import pause_point
 from ..core.settings import base_type, field_types, option, require, require_positive, to_dict
 from ..core.storage import read_json, write_json_atomic
 from ..core.versions import package_versions
-from ..data.schema import Example, TaskData, data_fingerprint
+from ..data.schema import Example, data_fingerprint
 from ..data.templates import PromptSettings
-from ..diagnostics.ihvp import compare_ihvp, compare_transformed, inner_product_methods, summarize
-from ..evaluation.metrics import Metrics, evaluate
 from ..features.gradients import Features, GradientSettings, collect_features
-from ..features.ranks import collect_sharded, score_sharded
+from ..features.ranks import collect_on_ranks
 from ..features.store import FeatureStore
 from ..models.lora import adapter_fingerprint
 from ..models.settings import ModelSettings
-from ..scoring.store import ScoreStore, score_metadata, scores_path
-from ..scoring.streamed import TrainFeatures, evaluate_file, score_to_file
-from .layout import SETTINGS_FILE
+from ..scoring.engine import ScoringJob, score_in_memory, score_streamed
+from ..scoring.store import ScoreStore
+from ..scoring.train_features import TrainFeatures
+from .layout import RESULTS_FILE, SETTINGS_FILE, features_dir, scores_dir
+from .runs import LoadedRun
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +131,10 @@ def collect_split(
 ) -> Features:
     """Features of one split, from the store when they were computed with the same fingerprint."""
     store = FeatureStore(
-        run, split, split_fingerprint(identity, prompt, examples, gradients), shard_size=shard_size
+        features_dir(run),
+        split,
+        split_fingerprint(identity, prompt, examples, gradients),
+        shard_size=shard_size,
     )
     return store.compute(examples, _collector(model, tokenizer, prompt, gradients, split))
 
@@ -164,7 +153,7 @@ def stream_split(
     """Features of one split stored (the missing shards computed, one at a time) and read back as passes
     over the store's shards: never all in memory."""
     fingerprint = split_fingerprint(identity, prompt, examples, gradients)
-    store = FeatureStore(run, split, fingerprint, shard_size=shard_size)
+    store = FeatureStore(features_dir(run), split, fingerprint, shard_size=shard_size)
     store.ensure(examples, _collector(model, tokenizer, prompt, gradients, split))
     return TrainFeatures.from_store(store, examples)
 
@@ -179,8 +168,8 @@ def _collector(
     collect = functools.partial(
         collect_features, model, tokenizer, prompt=prompt, settings=gradients, desc=f"{split} features"
     )
-    # under torchrun each rank computes a slice of every shard (collect_sharded); rank 0 stores it
-    return functools.partial(collect_sharded, collect=collect)
+    # under torchrun each rank computes a slice of every shard (collect_on_ranks); rank 0 stores it
+    return functools.partial(collect_on_ranks, collect=collect)
 
 
 def split_fingerprint(
@@ -195,111 +184,35 @@ def split_fingerprint(
     return {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples), **projection}
 
 
-@dataclass
-class MethodResult:
-    """One method's score matrix (HIGHER = more supportive), its metrics and its cost."""
-
-    name: str
-    scores: torch.Tensor | None  # None when streamed: the matrix is in its file, not in memory
-    metrics: Metrics
-    seconds: float
-    settings: dict[str, Any]
-
-
-def score_features(method: Method, train: Features, test: Features) -> torch.Tensor:
-    """``[n_test, n_train]`` scores of one method on stored features; HIGHER = more supportive."""
-    if method.kind == GRADIENT:
-        method.bind_shapes({**train.shapes, **test.shapes})
-        return typing.cast(AttributionMethod, method).score(train.blocks, test.blocks)
-    if train.representations is None or test.representations is None:
-        raise ConfigError(f"{method.name} needs representations, which these features do not hold")
-    return typing.cast(RepresentationMethod, method).score_representations(
-        train.representations, test.representations
-    )
-
-
-def score_methods(
-    methods: Mapping[str, Method], train: Features, test: Features, task: TaskData
-) -> dict[str, MethodResult]:
-    """Score every method and judge it with the study's accuracy and coverage."""
-    train_labels = [e.label for e in task.train]
-    test_labels = [e.label for e in task.test]
-    results = {}
-    for name, method in methods.items():
-        start = time.perf_counter()
-        scores = score_sharded(functools.partial(score_features, method, train), test)
-        seconds = time.perf_counter() - start
-        metrics = evaluate(scores, train_labels, test_labels)
-        log.info("scored %s in %.2f s", name, seconds)
-        results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
-    return results
-
-
-RESULTS_FILE = "results.json"
-
-
-def _score_resumably(
-    store: ScoreStore,
-    key: dict[str, Any],
-    method: Method,
-    features: Mapping[str, Features],
-    settings: AttributeSettings,
-) -> tuple[torch.Tensor, float]:
-    """One method's scores and the seconds they took; a gradient method keeps its running sum over blocks
-    at most every ``settings.score_checkpoint_minutes`` and resumes from it (identical results)."""
-    if not isinstance(method, InnerProductMethod):
-        start = time.perf_counter()
-        return score_features(method, features["train"], features["test"]), time.perf_counter() - start
-    resumed = store.partial(method.name, key)
-    partial, before = resumed if resumed is not None else (None, 0.0)
-    start = last_save = time.perf_counter()
-
-    def keep(running: PartialScores) -> None:
-        nonlocal last_save
-        pause_point("scores-block")
-        if time.perf_counter() - last_save >= settings.score_checkpoint_minutes * 60.0:
-            store.put_partial(method.name, key, running, before + time.perf_counter() - start)
-            last_save = time.perf_counter()
-
-    method.bind_shapes({**features["train"].shapes, **features["test"].shapes})
-    scores = method.accumulate(features["train"].blocks, features["test"].blocks, partial, keep)
-    return scores, before + time.perf_counter() - start
-
-
-def _method_key(method: Method) -> dict[str, Any]:
-    """What identifies a method's scores besides the features: its class and every one of its settings."""
-    return {"class": type(method).__qualname__, "settings": to_dict(method.settings)}
-
-
-def run_identity(explained: Explained, model_settings: ModelSettings) -> dict[str, Any]:
+def run_identity(loaded_run: LoadedRun, model_settings: ModelSettings) -> dict[str, Any]:
     """What, besides data and template, determines a run's features: the model and the adapter's weights."""
     return {
-        "model": explained.loaded.spec,
-        "source": explained.loaded.source,
+        "model": loaded_run.base.spec,
+        "source": loaded_run.base.source,
         "dtype": model_settings.dtype,
-        "adapter_sha256": adapter_fingerprint(explained.adapter),
+        "adapter_sha256": adapter_fingerprint(loaded_run.adapter),
     }
 
 
 def collect_run_features(
-    explained: Explained,
+    loaded_run: LoadedRun,
     prompt: PromptSettings,
     gradients: GradientSettings,
     model_settings: ModelSettings,
     shard_size: int = 256,
 ) -> tuple[dict[str, Features], dict[str, float]]:
     """Train and test features of a run's model (from the store when already computed), with timings."""
-    identity = run_identity(explained, model_settings)
+    identity = run_identity(loaded_run, model_settings)
     timings: dict[str, float] = {}
     features = {}
-    for split, examples in (("train", explained.task.train), ("test", explained.task.test)):
+    for split, examples in (("train", loaded_run.task.train), ("test", loaded_run.task.test)):
         start = time.perf_counter()
         features[split] = collect_split(
-            explained.run,
+            loaded_run.run,
             split,
             examples,
-            explained.model,
-            explained.tokenizer,
+            loaded_run.model,
+            loaded_run.tokenizer,
             identity,
             prompt,
             gradients,
@@ -309,140 +222,8 @@ def collect_run_features(
     return features, timings
 
 
-@dataclass
-class _Scoring:
-    """What both scoring paths of :func:`attribute_explained` share: the run, its methods and their keys."""
-
-    explained: Explained
-    methods: dict[str, Method]
-    store: ScoreStore
-    keys: dict[str, dict[str, Any]]
-    compared: dict[str, InnerProductMethod]
-    ihvp_key: dict[str, Any]
-
-
-ScoredMethods = tuple[dict[str, Any], dict[str, Any], dict[str, float]]
-"""Per method its result (metrics, seconds, settings), the iHVP comparison, and feature timings."""
-
-
-def _score_in_memory(
-    context: _Scoring,
-    settings: AttributeSettings,
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    model_settings: ModelSettings,
-) -> ScoredMethods:
-    """Features in memory; a gradient method resumes after its last kept LoRA block; under torchrun each
-    rank scores a slice of the test rows."""
-    explained, methods, store, keys = context.explained, context.methods, context.store, context.keys
-    compared, ihvp_key, task = context.compared, context.ihvp_key, explained.task
-    cached = {name: store.cached(name, keys[name]) for name in methods}
-    ihvp = store.cached_ihvp(ihvp_key) if compared else {}
-    features: dict[str, Features] = {}
-    timings: dict[str, float] = {}
-    if ihvp is None or any(hit is None for hit in cached.values()):
-        features, timings = collect_run_features(
-            explained, prompt, gradients, model_settings, settings.shard_size
-        )
-    train_ids, test_ids = [e.id for e in task.train], [e.id for e in task.test]
-    train_labels, test_labels = [e.label for e in task.train], [e.label for e in task.test]
-    results = {}
-    for name, method in methods.items():
-        hit = cached[name]
-        if hit is None:
-            if distributed.active():  # each rank scores a slice of the test rows; rank 0 keeps them
-                start = time.perf_counter()
-                train = features["train"]
-                scores = score_sharded(functools.partial(score_features, method, train), features["test"])
-                seconds = time.perf_counter() - start
-            else:
-                scores, seconds = _score_resumably(store, keys[name], method, features, settings)
-            log.info("scored %s in %.2f s", name, seconds)
-            pause_point("scores-method")
-            if distributed.is_main():
-                store.put(name, keys[name], scores, seconds, to_dict(method.settings), train_ids, test_ids)
-        else:
-            scores, seconds = hit
-        metrics = evaluate(scores, train_labels, test_labels)
-        results[name] = MethodResult(name, scores, metrics, seconds, to_dict(method.settings))
-    if ihvp is None and not distributed.is_main():
-        ihvp = {}  # only rank 0 writes the record this feeds
-    if ihvp is None:
-        # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
-        per_block = compare_ihvp(
-            features["train"].blocks,
-            features["test"].blocks,
-            compared,
-            reference=typing.cast(InnerProductMethod, methods["exact"]),
-        )
-        ihvp = _summarize_ihvp(per_block)
-        store.put_ihvp(ihvp_key, ihvp)
-    return results, ihvp, timings
-
-
-IHVP_TEST_ROWS = 20  # test rows the iHVP comparison uses (compare_ihvp's default)
-
-
-def _summarize_ihvp(per_block: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """Median, mean and max over blocks of each comparison, per method."""
-    return {
-        name: {key: summarize({b: c[key] for b, c in blocks.items()}) for key in next(iter(blocks.values()))}
-        for name, blocks in per_block.items()
-        if blocks
-    }
-
-
-def _score_streamed(
-    context: _Scoring,
-    settings: AttributeSettings,
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    model_settings: ModelSettings,
-) -> ScoredMethods:
-    """Training features streamed from the store, each score file written column block by column block,
-    metrics judged from the files a few rows at a time: memory independent of n_train."""
-    explained, methods, store, keys = context.explained, context.methods, context.store, context.keys
-    run, task = explained.run, explained.task
-    cached = {name: store.cached_seconds(name, keys[name]) for name in methods}
-    ihvp = store.cached_ihvp(context.ihvp_key) if context.compared else {}
-    timings: dict[str, float] = {}
-    if ihvp is None or any(seconds is None for seconds in cached.values()):
-        train, test, timings = stream_run_features(
-            explained, prompt, gradients, model_settings, settings.shard_size
-        )
-        passes = train.gradient_passes()  # one statistics pass shared by every method
-    train_ids = [e.id for e in task.train]
-    train_labels, test_labels = [e.label for e in task.train], [e.label for e in task.test]
-    results: dict[str, Any] = {}
-    transformed: dict[str, dict[str, torch.Tensor]] = {}
-    for name, method in methods.items():
-        seconds = cached[name]
-        if seconds is None:
-            start = time.perf_counter()
-            metadata = score_metadata(name, to_dict(method.settings), train_ids, test.ids)
-            kept = score_to_file(method, train, test, scores_path(run, name), metadata, passes)
-            if kept is not None and name in context.compared:
-                transformed[name] = {block: t[:IHVP_TEST_ROWS] for block, t in kept.items()}
-            seconds = time.perf_counter() - start
-            log.info("scored %s in %.2f s", name, seconds)
-            pause_point("scores-method")
-            store.put_file(name, keys[name], seconds)
-        metrics = evaluate_file(scores_path(run, name), train_labels, test_labels)
-        results[name] = MethodResult(name, None, metrics, seconds, to_dict(method.settings))
-    if ihvp is None:
-        for name, method in context.compared.items():  # methods whose scores were reused: transform again
-            if name not in transformed:
-                method.bind_shapes(test.shapes)
-                full = method.transform_test_streamed(passes, test.blocks)
-                transformed[name] = {block: t[:IHVP_TEST_ROWS] for block, t in full.items()}
-        per_block = compare_transformed(transformed, test.blocks, reference="exact", max_test=IHVP_TEST_ROWS)
-        ihvp = _summarize_ihvp(per_block)
-        store.put_ihvp(context.ihvp_key, ihvp)
-    return results, ihvp, timings
-
-
 def stream_run_features(
-    explained: Explained,
+    loaded_run: LoadedRun,
     prompt: PromptSettings,
     gradients: GradientSettings,
     model_settings: ModelSettings,
@@ -450,8 +231,8 @@ def stream_run_features(
 ) -> tuple[TrainFeatures, Features, dict[str, float]]:
     """Training features stored (computed where missing, never all in memory) and read back as passes
     over shards; test features in memory; with timings."""
-    identity = run_identity(explained, model_settings)
-    model, tokenizer, task, run = explained.model, explained.tokenizer, explained.task, explained.run
+    identity = run_identity(loaded_run, model_settings)
+    model, tokenizer, task, run = loaded_run.model, loaded_run.tokenizer, loaded_run.task, loaded_run.run
     start = time.perf_counter()
     train = stream_split(run, "train", task.train, model, tokenizer, identity, prompt, gradients, shard_size)
     timings = {"features_train_s": time.perf_counter() - start}
@@ -461,47 +242,71 @@ def stream_run_features(
     return train, test, timings
 
 
-def attribute_explained(
-    explained: Explained,
+def attribute_run(
+    loaded_run: LoadedRun,
     settings: AttributeSettings,
     prompt: PromptSettings,
     gradients: GradientSettings,
     model_settings: ModelSettings,
 ) -> dict[str, Any]:
-    """Collect (or reuse) features of ``explained``, score every method, write scores and ``results.json``.
+    """Collect (or reuse) features of ``loaded_run``, score every method, write scores and ``results.json``.
 
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
-    run, task = explained.run, explained.task
-    identity = run_identity(explained, model_settings)
-    feature_keys = {
-        split: FeatureStore(run, split, split_fingerprint(identity, prompt, examples, gradients)).folder.name
+    run, task = loaded_run.run, loaded_run.task
+    identity = run_identity(loaded_run, model_settings)
+    features_key = {
+        split: FeatureStore(
+            features_dir(run), split, split_fingerprint(identity, prompt, examples, gradients)
+        ).folder.name
         for split, examples in (("train", task.train), ("test", task.test))
     }
-    methods = settings.build_methods()
-    store = ScoreStore(run)
-    keys = {name: {"features": feature_keys, "method": name, **_method_key(m)} for name, m in methods.items()}
-    compared = inner_product_methods(methods, include_exact=True) if "exact" in methods else {}
-    ihvp_key = {"features": feature_keys, **{name: _method_key(m) for name, m in compared.items()}}
-    context = _Scoring(explained, methods, store, keys, compared, ihvp_key)
+    job = ScoringJob(
+        methods=settings.build_methods(),
+        store=ScoreStore(scores_dir(run)),
+        features_key=features_key,
+        train_ids=[e.id for e in task.train],
+        test_ids=[e.id for e in task.test],
+        train_labels=[e.label for e in task.train],
+        test_labels=[e.label for e in task.test],
+        checkpoint_minutes=settings.score_checkpoint_minutes,
+    )
+    timings: dict[str, float] = {}
     if settings.stream and distributed.active():
         log.warning("--stream scores in one process; under torchrun the ranks score test rows in memory")
-    score = _score_streamed if settings.stream and not distributed.active() else _score_in_memory
-    results, ihvp, timings = score(context, settings, prompt, gradients, model_settings)
+    if settings.stream and not distributed.active():
+
+        def streamed() -> tuple[TrainFeatures, Features]:
+            train, test, measured = stream_run_features(
+                loaded_run, prompt, gradients, model_settings, settings.shard_size
+            )
+            timings.update(measured)
+            return train, test
+
+        results, ihvp = score_streamed(job, streamed)
+    else:
+
+        def in_memory() -> tuple[Features, Features]:
+            features, measured = collect_run_features(
+                loaded_run, prompt, gradients, model_settings, settings.shard_size
+            )
+            timings.update(measured)
+            return features["train"], features["test"]
+
+        results, ihvp = score_in_memory(job, in_memory)
     adapter_sha256 = identity["adapter_sha256"]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
     if record.get("adapter_sha256") != adapter_sha256:
         record = {"methods": {}}  # scores of another adapter (epoch) must not be mixed in
     for name, result in results.items():
-        score_path = scores_path(run, name)
         record["methods"][name] = {
             "accuracy": result.metrics.accuracy,
             "coverage": result.metrics.coverage,
             "k": result.metrics.k,
             "seconds": result.seconds,
             "settings": result.settings,
-            "scores": str(score_path.relative_to(run)),
+            "scores": str(result.path.relative_to(run)),
         }
         if name in ihvp:
             if name != "exact":
@@ -517,9 +322,9 @@ def attribute_explained(
             "n_train": len(task.train),
             "n_test": len(task.test),
             "n_classes": len(task.labels),
-            "adapter": str(explained.adapter),
+            "adapter": str(loaded_run.adapter),
             "adapter_sha256": adapter_sha256,
-            "epoch": explained.epoch,
+            "epoch": loaded_run.epoch,
             "timings": timings,
             "settings": read_json(run / SETTINGS_FILE),
             "versions": package_versions(),

@@ -11,13 +11,12 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ..core.storage import read_json
+from ..diagnostics.convergence import gradient_cosine
 from ..features.gradients import Features, GradientSettings
-from .attribute import AttributeSettings, collect_run_features, score_methods
+from ..scoring.engine import judge_methods
+from .attribute import AttributeSettings, collect_run_features
 from .layout import FINETUNE_FILE
 from .runs import run_epochs
 
@@ -33,19 +32,6 @@ class EpochRow:
     gradient_cosine_with_previous: float | None
 
 
-def gradient_cosine(a: Features, b: Features) -> float:
-    """Mean over examples of the cosine between their full (all-block) gradients in ``a`` and ``b``."""
-    dot = torch.zeros(len(a.ids), dtype=torch.float64)
-    norm_a = torch.zeros_like(dot)
-    norm_b = torch.zeros_like(dot)
-    for name, block in a.blocks.items():
-        x, y = block.double(), b.blocks[name].double()
-        dot += (x * y).sum(dim=1)
-        norm_a += x.square().sum(dim=1)
-        norm_b += y.square().sum(dim=1)
-    return float((dot / (norm_a.sqrt() * norm_b.sqrt()).clamp(min=1e-300)).mean())
-
-
 def convergence(
     run: Path, settings: AttributeSettings, gradients: GradientSettings | None = None
 ) -> list[EpochRow]:
@@ -53,20 +39,26 @@ def convergence(
     losses = read_json(run / FINETUNE_FILE)["loss"]["epoch_loss"] if (run / FINETUNE_FILE).is_file() else []
     rows: list[EpochRow] = []
     previous: Features | None = None
-    for explained in run_epochs(run):
-        epoch, config = typing.cast(int, explained.epoch), explained.config
+    for loaded_run in run_epochs(run):
+        epoch, config = typing.cast(int, loaded_run.epoch), loaded_run.config
         features, _ = collect_run_features(
-            explained, config.prompt, gradients or GradientSettings(), config.model, settings.shard_size
+            loaded_run, config.prompt, gradients or GradientSettings(), config.model, settings.shard_size
         )
-        results = score_methods(settings.build_methods(), features["train"], features["test"], explained.task)
+        task = loaded_run.task
+        judged = judge_methods(
+            settings.build_methods(),
+            features["train"],
+            features["test"],
+            [e.label for e in task.train],
+            [e.label for e in task.test],
+        )
         rows.append(
             EpochRow(
                 epoch=epoch,
                 train_loss=losses[epoch - 1] if epoch <= len(losses) else None,
                 test_loss=float(features["test"].losses.mean()),
                 methods={
-                    name: {"accuracy": r.metrics.accuracy, "coverage": r.metrics.coverage}
-                    for name, r in results.items()
+                    name: {"accuracy": m.accuracy, "coverage": m.coverage} for name, m in judged.items()
                 },
                 gradient_cosine_with_previous=(
                     gradient_cosine(previous, features["train"]) if previous is not None else None
@@ -75,7 +67,3 @@ def convergence(
         )
         previous = features["train"]
     return rows
-
-
-def rows_to_dict(rows: list[EpochRow]) -> list[dict[str, Any]]:
-    return [row.__dict__ for row in rows]

@@ -18,7 +18,7 @@ import torch
 from ..data.schema import Example
 from ..features.gradients import GradientSettings, collect_features
 from ..models.generate import generate_answers
-from ..scoring.streamed import stream_scores
+from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings, run_identity, stream_split
 from .runs import open_run
 
@@ -39,7 +39,7 @@ class Ranked:
 
 @dataclass
 class Explanation:
-    """The query, the answer explained, and each method's top training examples (best first)."""
+    """The query, the answer loaded_run, and each method's top training examples (best first)."""
 
     prompt: str
     response: str
@@ -67,29 +67,29 @@ def explain(
 ) -> Explanation:
     """Rank the run's training examples by how much each supports ``response`` (generated when None)."""
     settings = AttributeSettings(methods=tuple(methods), epoch=epoch)
-    explained = open_run(run, epoch)
-    config = explained.config
+    loaded_run = open_run(run, epoch)
+    config = loaded_run.config
     generated = response is None
     if response is None:
         [response] = generate_answers(
-            explained.model, explained.tokenizer, [prompt], config.prompt, max_new_tokens=max_new_tokens
+            loaded_run.model, loaded_run.tokenizer, [prompt], config.prompt, max_new_tokens=max_new_tokens
         )
     query = Example(QUERY_ID, prompt, response, "?")
     gradients = GradientSettings()
-    train_examples = explained.task.train
+    train_examples = loaded_run.task.train
     train = stream_split(  # read back shard by shard: memory does not grow with the training set
         run,
         "train",
         train_examples,
-        explained.model,
-        explained.tokenizer,
-        run_identity(explained, config.model),
+        loaded_run.model,
+        loaded_run.tokenizer,
+        run_identity(loaded_run, config.model),
         config.prompt,
         gradients,
         settings.shard_size,
     )
     test = collect_features(
-        explained.model, explained.tokenizer, [query], config.prompt, gradients, desc="query"
+        loaded_run.model, loaded_run.tokenizer, [query], config.prompt, gradients, desc="query"
     )
     ranked: dict[str, list[Ranked]] = {}
     for name, method in settings.build_methods().items():

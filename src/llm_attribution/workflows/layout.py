@@ -1,13 +1,21 @@
-"""Names of the files and folders in a run folder, declared once.
+"""Names of the files and folders in a run folder and a study folder, declared once.
 
 ```
 RUN/
   settings.json        every setting that produced the run (compared before anything is reused)
   data.json            the train and test example ids the run used, in order
   finetune.json        loss curve (per step and per epoch), timings, versions
-  train_state.pt       optimizer, schedule and random states after the last finished epoch (for resuming)
+  train_state.pt       optimizer, schedule and random states after the last saved step (for resuming)
   adapters/epoch-1/    peft adapter (adapter_model.safetensors + adapter_config.json) after epoch 1
   adapters/epoch-2/    ...
+  features/            the feature store (llm_attribution.features.store): one folder per split and key
+  scores/              the score store (llm_attribution.scoring.store): one matrix per method
+  results.json         per method: accuracy, coverage, seconds, settings, iHVP comparison
+  diagnostics/         spectrum.json, ihvp.json, convergence.json, parameters.json
+  report.html, report.md
+STUDY/
+  study.json           the judged grid
+  <task>/seed-<s>/     one RUN folder per cell
 ```
 """
 
@@ -22,10 +30,35 @@ DATA_FILE = "data.json"
 FINETUNE_FILE = "finetune.json"
 ADAPTERS_DIR = "adapters"
 TRAIN_STATE_FILE = "train_state.pt"
+FEATURES_DIR = "features"
+SCORES_DIR = "scores"
+RESULTS_FILE = "results.json"
+DIAGNOSTICS_DIR = "diagnostics"
+STUDY_FILE = "study.json"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
 
 
 def adapter_dir(run: Path, epoch: int) -> Path:
     return run / ADAPTERS_DIR / f"epoch-{epoch}"
+
+
+def features_dir(run: Path) -> Path:
+    return run / FEATURES_DIR
+
+
+def scores_dir(run: Path) -> Path:
+    return run / SCORES_DIR
+
+
+def diagnostic_file(run: Path, name: str) -> Path:
+    """``RUN/diagnostics/<name>.json`` (name: spectrum, ihvp, convergence or parameters)."""
+    return run / DIAGNOSTICS_DIR / f"{name}.json"
+
+
+def study_cell(study: Path, task: str, seed: int) -> Path:
+    """The run folder of one (task, seed) cell of a study."""
+    return study / task / f"seed-{seed}"
 
 
 def saved_epochs(run: Path) -> list[int]:
@@ -39,12 +72,6 @@ def saved_epochs(run: Path) -> list[int]:
         if name.startswith("epoch-") and name[6:].isdigit() and (child / "adapter_config.json").is_file():
             epochs.append(int(name[6:]))
     return sorted(epochs)
-
-
-def final_adapter(run: Path) -> Path | None:
-    """The adapter of the last saved epoch, or None when the run has none."""
-    epochs = saved_epochs(run)
-    return adapter_dir(run, epochs[-1]) if epochs else None
 
 
 def checkpoints(run: Path) -> Checkpoints:

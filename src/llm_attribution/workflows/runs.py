@@ -66,7 +66,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class Explained:
+class LoadedRun:
     """A fine-tuned model ready to explain: the task, the model with its adapter, and where it came from."""
 
     run: Path
@@ -74,7 +74,7 @@ class Explained:
     task: TaskData
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
-    loaded: LoadedModel
+    base: LoadedModel  # the base model as loaded: its spec, source and device
     adapter: Path
     epoch: int | None
 
@@ -83,7 +83,7 @@ class Explained:
 class FinetuneReport:
     """What :func:`finetune_run` did: where, the loss curve, and answers before/after for a few tests."""
 
-    explained: Explained
+    loaded_run: LoadedRun
     epochs: list[int]
     curve: LossCurve
     reused: bool
@@ -93,7 +93,7 @@ class FinetuneReport:
 
     @property
     def run(self) -> Path:
-        return self.explained.run
+        return self.loaded_run.run
 
 
 def run_settings(config: FinetuneConfig, task: TaskData, adapter: Path | None = None) -> dict[str, Any]:
@@ -193,11 +193,11 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
                 )
         reused = False
     after = _answers(model, loaded.tokenizer, examples, config.prompt)
-    explained = Explained(run, config, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
-    return FinetuneReport(explained, saved_epochs(run), curve, reused, list(examples), before, after)
+    loaded_run = LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter_dir(run, last), last)
+    return FinetuneReport(loaded_run, saved_epochs(run), curve, reused, list(examples), before, after)
 
 
-def explain_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> Explained:
+def run_with_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> LoadedRun:
     """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning."""
     with distributed.agree():
         task = load_task(config.data)
@@ -207,16 +207,16 @@ def explain_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> Explain
         write_json_atomic(run / DATA_FILE, _data_record(task))
     with distributed.agree():
         model = load_adapter(loaded.model, adapter)
-    return Explained(run, config, task, model, loaded.tokenizer, loaded, adapter, None)
+    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, None)
 
 
-def open_run(run: Path, epoch: int | None = None) -> Explained:
+def open_run(run: Path, epoch: int | None = None) -> LoadedRun:
     """Reload a finished run: its task, base model and the adapter of ``epoch`` (default: the last)."""
     with distributed.agree():  # under torchrun a rank that cannot load the model stops them all
         return _open_run(run, epoch)
 
 
-def _open_run(run: Path, epoch: int | None) -> Explained:
+def _open_run(run: Path, epoch: int | None) -> LoadedRun:
     if not (run / SETTINGS_FILE).is_file():
         raise RunError(f"{run} is not a run folder (no {SETTINGS_FILE}); create one with `llm-attr run`")
     settings = read_json(run / SETTINGS_FILE)
@@ -236,32 +236,32 @@ def _open_run(run: Path, epoch: int | None) -> Explained:
             raise RunError(f"{run} has no adapter for epoch {epoch} (it has {', '.join(map(str, epochs))})")
         adapter = adapter_dir(run, epoch)
     model = load_adapter(loaded.model, adapter)
-    return Explained(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch)
+    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch)
 
 
-def select_epoch(explained: Explained, epoch: int | None) -> Explained:
+def select_epoch(loaded_run: LoadedRun, epoch: int | None) -> LoadedRun:
     """The same model with the adapter weights of ``epoch`` (loaded in place; no base reload)."""
-    if epoch is None or epoch == explained.epoch:
-        return explained
-    if explained.epoch is None:
+    if epoch is None or epoch == loaded_run.epoch:
+        return loaded_run
+    if loaded_run.epoch is None:
         raise RunError("--epoch applies to adapters this tool trained, not to a given --adapter")
-    path = adapter_dir(explained.run, epoch)
+    path = adapter_dir(loaded_run.run, epoch)
     if not path.is_dir():
-        raise RunError(f"{explained.run} has no adapter for epoch {epoch}")
-    set_peft_model_state_dict(explained.model, load_file(path / ADAPTER_WEIGHTS))
-    explained.model.eval()
-    return dataclasses.replace(explained, adapter=path, epoch=epoch)
+        raise RunError(f"{loaded_run.run} has no adapter for epoch {epoch}")
+    set_peft_model_state_dict(loaded_run.model, load_file(path / ADAPTER_WEIGHTS))
+    loaded_run.model.eval()
+    return dataclasses.replace(loaded_run, adapter=path, epoch=epoch)
 
 
-def run_epochs(run: Path) -> Iterator[Explained]:
+def run_epochs(run: Path) -> Iterator[LoadedRun]:
     """The run's model at every saved epoch, oldest first (adapter weights swapped in place)."""
     epochs = saved_epochs(run)
     if not epochs:
         raise RunError(f"{run} holds no epoch adapters (it explains an adapter given with --adapter)")
-    explained = open_run(run, epochs[0])
+    loaded_run = open_run(run, epochs[0])
     for epoch in epochs:
-        explained = select_epoch(explained, epoch)
-        yield explained
+        loaded_run = select_epoch(loaded_run, epoch)
+        yield loaded_run
 
 
 def _spread(examples: Sequence[Example], count: int) -> list[Example]:
@@ -288,12 +288,12 @@ def _data_record(task: TaskData) -> dict[str, Any]:
 
 
 __all__ = [
-    "Explained",
     "FinetuneConfig",
     "FinetuneReport",
     "GradientSettings",
-    "explain_adapter",
+    "LoadedRun",
     "finetune_run",
     "open_run",
+    "run_with_adapter",
     "select_epoch",
 ]

@@ -15,25 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core import distributed
 from ..core.settings import option, require, to_dict
 from ..core.storage import write_json_atomic
 from ..core.versions import package_versions
 from ..data.loaders import load_task
-from ..evaluation.ranking import ranking_metrics
-from ..evaluation.statistics import bootstrap_ci, per_class, seed_spread
+from ..evaluation.grid import SeedScores, judge_method
 from ..features.gradients import GradientSettings
-from ..scoring.store import read_run_scores
-from .attribute import RESULTS_FILE, AttributeSettings, attribute_explained
+from ..scoring.store import ScoreStore
+from .attribute import AttributeSettings, attribute_run
+from .layout import RESULTS_FILE, STUDY_FILE, scores_dir, study_cell
 from .runs import FinetuneConfig, finetune_run, select_epoch
 
 log = logging.getLogger(__name__)
 
 STUDY_TASKS = ("mixedS", "mixedM", "emotion", "grammars", "math", "backdoor", "multibackdoor")
-STUDY_FILE = "study.json"
-METRICS = ("accuracy", "coverage", "auc", "average_precision", "reciprocal_rank", "precision_at_10")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +75,7 @@ def run_study(
         data = dataclasses.replace(base.data, task=resolve_task(task, study.data_root))
         cells[task] = {}
         for seed in study.seeds:
-            run = out / task / f"seed-{seed}"
+            run = study_cell(out, task, seed)
             if judge_only:
                 if not _complete(run, attribute.methods):
                     missing.append(f"{task}/seed-{seed}")
@@ -91,9 +87,9 @@ def run_study(
                 )
                 log.info("study: %s, seed %d -> %s", task, seed, run)
                 report = finetune_run(config, run)
-                explained = select_epoch(report.explained, attribute.epoch)
-                attribute_explained(explained, attribute, config.prompt, gradients, config.model)
-                task_data = explained.task
+                loaded_run = select_epoch(report.loaded_run, attribute.epoch)
+                attribute_run(loaded_run, attribute, config.prompt, gradients, config.model)
+                task_data = loaded_run.task
             cells[task][seed] = {
                 "run": run,
                 "labels": ([e.label for e in task_data.train], [e.label for e in task_data.test]),
@@ -110,102 +106,27 @@ def run_study(
 
 
 def _complete(run: Path, methods: Sequence[str]) -> bool:
-    return (
-        all((run / "scores" / f"{m}.safetensors").is_file() for m in methods)
-        and (run / RESULTS_FILE).is_file()
-    )
+    store = ScoreStore(scores_dir(run))
+    return all(store.path(m).is_file() for m in methods) and (run / RESULTS_FILE).is_file()
 
 
 def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: per-test metrics averaged over seeds, bootstrap intervals, seed spread, per-class means."""
-    judged: dict[str, Any] = {}
+    """Per method, the grid's judgement (:func:`~llm_attribution.evaluation.grid.judge_method`) of its
+    scores in every seed's run (``{seed: {"run": folder, "labels": (train, test)}}``)."""
+    judged = {}
     for method in methods:
-        per_seed: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
-        test_labels: list[str] = []
-        for cell in seeds.values():
-            scores = read_run_scores(cell["run"], method)
-            train_labels, test_labels = cell["labels"]
-            ranking = ranking_metrics(scores, train_labels, test_labels, precision_ks=(10,))
-            values = {
-                "accuracy": ranking.hit.astype(float),
-                "coverage": ranking.coverage,
-                "auc": ranking.auc,
-                "average_precision": ranking.average_precision,
-                "reciprocal_rank": ranking.reciprocal_rank,
-                "precision_at_10": ranking.precision_at[10],
-            }
-            for name in METRICS:
-                per_seed[name].append(values[name])
-        judged[method] = {name: _metric_summary(per_seed[name], test_labels) for name in METRICS}
-    return judged
-
-
-def _metric_summary(per_seed: list[np.ndarray], test_labels: Sequence[str]) -> dict[str, Any]:
-    # The test set is the same for every seed, so a test's value is averaged over seeds first and the
-    # interval is taken over test examples; the seed spread is reported beside it.
-    stacked = np.vstack(per_seed)
-    per_test = np.nanmean(stacked, axis=0) if np.isfinite(stacked).any() else stacked[0]
-    low, high = bootstrap_ci(per_test)
-    return {
-        "mean": float(np.nanmean(per_test)) if np.isfinite(per_test).any() else float("nan"),
-        "ci_low": low,
-        "ci_high": high,
-        "seeds": seed_spread(
-            [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in per_seed]
-        ),
-        "per_class": per_class(per_test, list(test_labels)),
-    }
-
-
-def study_markdown(record: dict[str, Any]) -> str:
-    """The grid as a Markdown table: mean [95% CI] over test examples, and the seed standard deviation."""
-    lines = [
-        "| task | method | accuracy [95% CI] | coverage [95% CI] | AUC | AUPRC | MRR | P@10 | seed sd |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for task, methods in record["tasks"].items():
-        for method, m in methods.items():
-            acc, cov = m["accuracy"], m["coverage"]
-            lines.append(
-                f"| {task} | {method} | {acc['mean']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] | "
-                f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {m['auc']['mean']:.3f} | "
-                f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "
-                f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} "
-                f"(n={int(acc['seeds']['n'])}) |"
-            )
-    return "\n".join(lines)
-
-
-def per_class_markdown(record: dict[str, Any]) -> str:
-    """Per task, one row per test class: each method's accuracy / coverage averaged over that class's tests
-    (and seeds). It shows which classes a method fails on, which the grid's means hide."""
-    parts = []
-    for task, methods in record["tasks"].items():
-        names = list(methods)
-        classes = sorted({c for m in methods.values() for c in m["accuracy"]["per_class"]})
-        parts += [
-            f"**{task}** (accuracy / coverage per test class)",
-            "",
-            "| class | " + " | ".join(names) + " |",
-            "|---|" + "---|" * len(names),
-        ]
-        for label in classes:
-            cells = [
-                f"{methods[m]['accuracy']['per_class'].get(label, float('nan')):.2f} / "
-                f"{methods[m]['coverage']['per_class'].get(label, float('nan')):.2f}"
-                for m in names
+        judged[method] = judge_method(
+            [
+                SeedScores(ScoreStore(scores_dir(cell["run"])).read(method), *cell["labels"])
+                for cell in seeds.values()
             ]
-            shown = label if len(label) <= 40 else label[:37] + "..."
-            parts.append(f"| {shown.replace('|', '/')} | " + " | ".join(cells) + " |")
-        parts.append("")
-    return "\n".join(parts).rstrip()
+        )
+    return judged
 
 
 __all__ = [
     "STUDY_TASKS",
     "StudySettings",
-    "per_class_markdown",
     "resolve_task",
     "run_study",
-    "study_markdown",
 ]

@@ -22,11 +22,19 @@ from ...core.storage import read_json, write_bytes_atomic
 from ...data.builtin import BUILTIN_TASKS
 from ...data.loaders import load_task
 from ...data.schema import TaskData
-from ...scoring.store import read_run_scores
-from ..attribute import RESULTS_FILE
-from ..layout import SETTINGS_FILE
+from ...evaluation.grid import per_class_markdown, study_markdown
+from ...scoring.store import ScoreStore
+from ..layout import (
+    REPORT_HTML,
+    REPORT_MD,
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    STUDY_FILE,
+    diagnostic_file,
+    scores_dir,
+)
 from ..runs import FinetuneConfig
-from ..study import STUDY_FILE, judge_task, per_class_markdown, study_markdown
+from ..study import judge_task
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .official import official_table
 
@@ -92,17 +100,16 @@ def build_report(
 
 def _diagnostics(report: Report, run: Path, root: Path) -> None:
     where = run.relative_to(root.parent)
-    diag = run / "diagnostics"
-    if (diag / "spectrum.json").is_file():
-        spectrum = read_json(diag / "spectrum.json")
+    if diagnostic_file(run, "spectrum").is_file():
+        spectrum = read_json(diagnostic_file(run, "spectrum"))
         summary = ", ".join(f"{k.removeprefix('median_')} {v:.4g}" for k, v in spectrum["summary"].items())
         report.add(
             f"Fisher spectrum ({where})",
             f"Medians over blocks: {summary}.",
             {f"spectrum-{run.name}": spectrum_figure(spectrum["blocks"])},
         )
-    if (diag / "ihvp.json").is_file():
-        points = read_json(diag / "ihvp.json")["points"]
+    if diagnostic_file(run, "ihvp").is_file():
+        points = read_json(diagnostic_file(run, "ihvp"))["points"]
         scales = [p["damping_scale"] for p in points]
         names = list(points[0]["relative_error"]) if points else []
         errors = {m: [p["relative_error"][m] for p in points] for m in names}
@@ -123,8 +130,8 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
                 ),
             },
         )
-    if (diag / "convergence.json").is_file():
-        rows = read_json(diag / "convergence.json")["epochs"]
+    if diagnostic_file(run, "convergence").is_file():
+        rows = read_json(diagnostic_file(run, "convergence"))["epochs"]
         epochs = [r["epoch"] for r in rows]
         methods = list(rows[0]["methods"]) if rows else []
         quality = {
@@ -157,8 +164,8 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
                 )
             },
         )
-    if (diag / "parameters.json").is_file():
-        rows = read_json(diag / "parameters.json")["epochs"]
+    if diagnostic_file(run, "parameters").is_file():
+        rows = read_json(diagnostic_file(run, "parameters"))["epochs"]
         epochs = [r["epoch"] for r in rows]
         norms = [r["update_norm_total"] for r in rows]
         report.add(
@@ -198,7 +205,7 @@ def _examples(run: Path, count: int) -> str:
     lines = []
     picks = np.linspace(0, len(task.test) - 1, num=min(count, len(task.test))).astype(int)
     for name in read_json(run / RESULTS_FILE)["methods"]:
-        scores = read_run_scores(run, name).double().numpy()
+        scores = ScoreStore(scores_dir(run)).read(name).double().numpy()
         for t in picks:
             test = task.test[t]
             lines.append(f"- **{name}**, test `{test.id}` [{test.label}]: {show(test.prompt)}")
@@ -226,9 +233,9 @@ def write_report(report: Report, folder: Path) -> tuple[Path, Path]:
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style></head><body>"
         "<h1>llm-attribution report</h1>" + "".join(body) + "</body></html>"
     )
-    write_bytes_atomic(folder / "report.md", "\n".join(md).encode())
-    write_bytes_atomic(folder / "report.html", page.encode())
-    return folder / "report.html", folder / "report.md"
+    write_bytes_atomic(folder / REPORT_MD, "\n".join(md).encode())
+    write_bytes_atomic(folder / REPORT_HTML, page.encode())
+    return folder / REPORT_HTML, folder / REPORT_MD
 
 
 def _md_to_html(text: str) -> str:

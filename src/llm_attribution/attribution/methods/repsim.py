@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import DataError
-from .base import RepresentationMethod, register
+from ...core.errors import DataError
+from ..base import RepresentationMethod
+from ..registry import register
 
 
 @register

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import GradientBlocks, InnerProductMethod, register, streamed_blocks
-from .passes import TrainPasses
+from ..base import GradientBlocks, InnerProductMethod, live_blocks
+from ..passes import TrainPasses
+from ..registry import register
 
 
 @register
@@ -18,13 +19,7 @@ class HessianFree(InnerProductMethod):
 
     name = "hessian-free"
 
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
-    ) -> torch.Tensor:
-        """The identity: the test gradient itself."""
-        return test_block
-
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """The test gradients themselves; no pass beyond the statistics."""
-        names, dtype = streamed_blocks(train, test)
+        names, dtype = live_blocks(train, test)
         return {name: test[name].to(dtype=dtype) for name in names}

@@ -8,7 +8,7 @@ Here the system is whichever side is smaller:
 - ``n < d`` (the usual LoRA case): Woodbury,
   ``(F + lambda I)^-1 v = (1/lambda) (v - G^T (n lambda I + G G^T)^-1 G v)``, an ``n x n`` system;
 - ``n >= d`` (or ``n`` above ``woodbury_max_rows``): the ``d x d`` system ``(G^T G / n + lambda I) x = v``,
-  whose ``G^T G`` streamed scoring accumulates chunk by chunk in memory independent of ``n``.
+  whose ``G^T G`` is accumulated chunk by chunk in memory independent of ``n``.
 
 Both are factorised once per block by Cholesky in float64 (the matrix is symmetric positive definite
 for ``lambda > 0``; float64 because ``G G^T`` squares the condition number), then applied to the
@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.settings import option, require, require_choice, require_positive
-from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
-from .passes import TrainPasses
+from ...core.settings import option, require, require_choice, require_positive
+from ..base import DampedSettings, GradientBlocks, InnerProductMethod, live_blocks
+from ..passes import TrainPasses
+from ..registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +88,12 @@ class Exact(InnerProductMethod):
             return n < d and (limit is None or n <= limit)
         return self.settings.solver == "woodbury"
 
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
-    ) -> torch.Tensor:
-        """The exact damped inverse Fisher applied to every test row."""
-        n, d = train_block.shape
-        lam = block_damping(train_block, self.settings.damping_scale)
-        if self.uses_woodbury(n, d):
-            return self._woodbury(block_name, train_block, test_block, lam)
-        g = train_block.to(torch.float64)
-        return self._dense(block_name, g.T @ g, n, test_block, lam)
-
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """One pass gathers what each block's system needs: ``G^T G`` (``d x d``, float64) for the dense
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The exact damped inverse Fisher applied to every test row. One pass gathers what each block's
+        system needs: ``G^T G`` (``d x d``, float64) for the dense
         system, or the block's rows for Woodbury (which ``auto`` picks only while ``n < d``, so at most
         ``d x d`` numbers either way, and ``woodbury_max_rows`` caps ``n`` further)."""
-        names, dtype = streamed_blocks(train, test)
+        names, dtype = live_blocks(train, test)
         statistics, n = train.statistics(), train.rows
         woodbury = [name for name in names if self.uses_woodbury(n, statistics[name].width)]
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in woodbury}

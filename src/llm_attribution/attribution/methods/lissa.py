@@ -35,17 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.seeds import block_seed
-from ..core.settings import option, require, require_positive
-from .base import (
+from ...core.seeds import block_seed
+from ...core.settings import option, require, require_positive
+from ..base import (
     DampedSettings,
     GradientBlocks,
     InnerProductMethod,
-    block_damping,
-    register,
-    streamed_blocks,
+    live_blocks,
 )
-from .passes import FisherProducts, TrainPasses
+from ..passes import FisherProducts, TrainPasses
+from ..registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +119,11 @@ class Lissa(InnerProductMethod):
         super().__init__(settings)
         self.not_converged: dict[str, int] = {}  # block -> steps needed, for blocks depth is too short for
 
-    def score(self, train: GradientBlocks, test: GradientBlocks) -> torch.Tensor:
-        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test more.
-
-        Warns (one line) when ``depth`` is too short for the recursion to converge on some block.
-        """
+    def begin_scoring(self) -> None:
         self.not_converged = {}
-        scores = super().score(train, test)
-        self._warn_not_converged(len(train))
-        return scores
 
-    def _warn_not_converged(self, n_blocks: int) -> None:
+    def end_scoring(self, n_blocks: int) -> None:
+        """Warns (one line) when ``depth`` was too short for the recursion to converge on some block."""
         if self.not_converged:
             worst = max(self.not_converged.values())
             logger.warning(
@@ -149,19 +142,16 @@ class Lissa(InnerProductMethod):
         if delta < 1.0 and (1.0 - delta) ** self.settings.depth > NOT_CONVERGED:
             self.not_converged[block_name] = math.ceil(math.log(1.0 / NOT_CONVERGED) / delta)
 
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """The full-batch recursion for every block at once, ``F h`` from :class:`FisherProducts` (the
-        ``d x d`` Fisher for blocks no wider than ``chunk_size``, else one pass per step); mini-batches
-        sample rows at random, so with ``batch_size`` the training rows are gathered in memory instead."""
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """The full-batch recursion for every block at once, ``F h`` from :class:`FisherProducts` (for
+        streamed blocks no wider than ``chunk_size`` the ``d x d`` Fisher, else one pass per step);
+        mini-batches sample rows at random, so with ``batch_size`` each block's rows are gathered
+        (:meth:`_minibatch_recursion`). Blocks too short of steps are noted in ``not_converged``."""
         cfg = self.settings
+        names, dtype = live_blocks(train, test)
         if cfg.batch_size is not None and cfg.batch_size < train.rows:
-            self.not_converged = {}
-            gathered = super().transform_test_streamed(train, test)
-            self._warn_not_converged(len(train.statistics()))
-            return gathered
-        names, dtype = streamed_blocks(train, test)
+            return self._minibatch_recursions(train, test, names, dtype)
         statistics = train.statistics()
-        self.not_converged = {}
         v, scale, delta, limit = {}, {}, {}, {}
         for name in names:
             lam = statistics[name].damping(cfg.damping_scale)
@@ -187,20 +177,38 @@ class Lissa(InnerProductMethod):
             if not h:
                 break
         out.update({name: block / scale[name] for name, block in h.items()})
-        self._warn_not_converged(len(statistics))
         return {name: out[name] for name in names}
 
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
+    def _minibatch_recursions(
+        self, train: TrainPasses, test: GradientBlocks, names: list[str], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """The recursion with seeded mini-batches of each block's training rows, gathered in memory."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for chunk in train:
+            for name in names:
+                parts[name].append(chunk[name])
+        statistics = train.statistics()
+        out = {}
+        for name in names:
+            v = test[name].to(dtype=dtype)
+            rows = torch.cat(parts.pop(name)).to(v.device, dtype)
+            out[name] = self._minibatch_recursion(
+                name, rows, v, statistics[name].damping(self.settings.damping_scale)
+            )
+        return out
+
+    def _minibatch_recursion(
+        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor, lam: float
     ) -> torch.Tensor:
-        """The recursion run on all test rows of a chunk at once (``h`` is ``[m, d]``)."""
+        """The recursion on one block's test rows (``h`` is ``[m, d]``), each step's Fisher estimated on
+        ``batch_size`` training rows drawn by a per-(block, repeat) seed."""
         cfg = self.settings
+        assert cfg.batch_size is not None
         n = train_block.shape[0]
-        lam = block_damping(train_block, cfg.damping_scale)
         scale = cfg.scale if cfg.scale is not None else float(train_block.square().sum(dim=1).max()) + lam
         delta = lam / scale
         self._check_depth(block_name, delta)
-        batch = None if cfg.batch_size is None or cfg.batch_size >= n else cfg.batch_size
+        batch = cfg.batch_size
         out = torch.zeros_like(test_block)
         last_step = 0.0
         for rows in self.chunks(test_block.shape[0]):
@@ -213,9 +221,7 @@ class Lissa(InnerProductMethod):
                 generator = torch.Generator().manual_seed(block_seed(cfg.seed, block_name, repeat))
                 h = v.clone()
                 for step in range(cfg.depth):
-                    g = train_block
-                    if batch is not None:
-                        g = train_block[torch.randperm(n, generator=generator)[:batch].to(train_block.device)]
+                    g = train_block[torch.randperm(n, generator=generator)[:batch].to(train_block.device)]
                     h_next = v + (1.0 - delta) * h - _fisher_product(self, g, h) / scale
                     norm = float(h_next.norm())
                     if not norm <= limit:  # also catches nan / inf
@@ -258,25 +264,11 @@ class LissaStudy(InnerProductMethod):
     Settings = LissaStudySettings
     settings: LissaStudySettings
 
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
-    ) -> torch.Tensor:
-        """``h <- v + h - (F h - lambda h) / scale`` for ``depth`` steps; ``h`` unscaled, as in the study."""
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """``h <- v + h - (F h - lambda h) / scale`` for ``depth`` steps, every block at once, ``F h``
+        from :class:`FisherProducts`; ``h`` unscaled, as in the study."""
         cfg = self.settings
-        lam = block_damping(train_block, cfg.damping_scale)
-        out = torch.empty_like(test_block)
-        for rows in self.chunks(test_block.shape[0]):
-            v = test_block[rows]
-            h = v.clone()
-            for _ in range(cfg.depth):
-                h = v + h - (_fisher_product(self, train_block, h) - lam * h) / cfg.scale
-            out[rows] = h
-        return out
-
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """The same steps for every block at once, ``F h`` from :class:`FisherProducts`."""
-        cfg = self.settings
-        names, dtype = streamed_blocks(train, test)
+        names, dtype = live_blocks(train, test)
         statistics = train.statistics()
         damping = {name: statistics[name].damping(cfg.damping_scale) for name in names}
         v = {name: test[name].to(dtype=dtype) for name in names}

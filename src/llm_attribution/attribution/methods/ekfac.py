@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import ConfigError
-from .base import DampedSettings, GradientBlocks, InnerProductMethod, block_damping, register, streamed_blocks
-from .passes import TrainPasses
+from ...core.errors import ConfigError
+from ..base import DampedSettings, GradientBlocks, InnerProductMethod, live_blocks
+from ..passes import TrainPasses
+from ..registry import register
 
 
 @dataclass(frozen=True)
@@ -120,18 +121,6 @@ class Ekfac(InnerProductMethod):
             raise ConfigError(f"block {block_name}: shape {shape} does not hold {width} numbers")
         return shape
 
-    def transform_test(
-        self, block_name: str, train_block: torch.Tensor, test_block: torch.Tensor
-    ) -> torch.Tensor:
-        """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row."""
-        shape = self.shape_of(block_name, train_block.shape[1])
-        n = train_block.shape[0]
-        chunks = [{block_name: train_block[cols]} for cols in self.chunks(n)]  # views, read twice
-        eigen = fit_eigens(chunks, {block_name: shape}, n, train_block.dtype, train_block.device)
-        return self._apply(
-            eigen[block_name], test_block, block_damping(train_block, self.settings.damping_scale)
-        )
-
     def _apply(self, eigen: KroneckerEigen, test_block: torch.Tensor, lam: float) -> torch.Tensor:
         o, i = eigen.eigenvalues.shape
         out = torch.empty_like(test_block)
@@ -140,9 +129,10 @@ class Ekfac(InnerProductMethod):
             out[rows] = eigen.precondition(v, lam).reshape(v.shape[0], -1)
         return out
 
-    def transform_test_streamed(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """Two passes besides the statistics: the factors, then the eigenvalues in their eigenbasis."""
-        names, dtype = streamed_blocks(train, test)
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row; two passes besides the statistics:
+        the factors, then the eigenvalues in their eigenbasis."""
+        names, dtype = live_blocks(train, test)
         if not names:
             return {}
         statistics = train.statistics()
