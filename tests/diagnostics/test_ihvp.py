@@ -9,13 +9,28 @@ import torch
 from llm_attribution.attribution import get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.diagnostics.ihvp import (
+    compare_ihvp,
     damping_sweep,
-    ihvp_relative_errors,
     inner_product_methods,
     mean_spearman,
     summarize,
 )
 from tests.helpers import run_cli, tiny_run_args
+
+
+def ihvp_relative_errors(train, test, methods, reference=None):  # type: ignore[no-untyped-def]
+    """``{method: {block: relative error against exact}}`` from :func:`compare_ihvp`."""
+    compared = compare_ihvp(train, test, methods, reference)
+    return {name: {b: c["relative_error"] for b, c in blocks.items()} for name, blocks in compared.items()}
+
+
+def ihvp_directions(train, test, methods, reference=None):  # type: ignore[no-untyped-def]
+    """``{method: {"vs_exact" | "vs_gradient": {block: mean cosine}}}`` from :func:`compare_ihvp`."""
+    compared = compare_ihvp(train, test, methods, reference)
+    return {
+        name: {key: {b: c[f"cosine_{key}"] for b, c in blocks.items()} for key in ("vs_exact", "vs_gradient")}
+        for name, blocks in compared.items()
+    }
 
 
 def _blocks(n: int, d: int, seed: int) -> dict[str, torch.Tensor]:
@@ -50,8 +65,6 @@ def test_inner_product_methods_leaves_out_references() -> None:
 
 
 def test_directions_exact_is_one_over_lambda_when_damping_dominates() -> None:
-    from llm_attribution.diagnostics.ihvp import ihvp_directions
-
     train, test = _blocks(10, 6, 4), _blocks(3, 6, 5)
     huge = {"exact": get_method("exact", damping_scale=1e8), "datainf": get_method("datainf")}
     cosines = ihvp_directions(train, test, huge, reference=huge["exact"])

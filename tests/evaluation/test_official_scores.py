@@ -16,7 +16,8 @@ import torch
 
 from llm_attribution.core.errors import DataError
 from llm_attribution.evaluation.metrics import evaluate
-from llm_attribution.evaluation.official import check_score_shape, read_official_scores
+from llm_attribution.evaluation.official import read_official_scores
+from llm_attribution.evaluation.score_files import check_score_shape
 
 
 def write(tmp_path: Path, text: str, name: str = "scores.csv") -> Path:

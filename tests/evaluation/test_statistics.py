@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_attribution.core.errors import ConfigError, DataError
-from llm_attribution.evaluation.statistics import bootstrap_ci, per_class, seed_spread, summarize_metric
+from llm_attribution.evaluation.statistics import bootstrap_ci, per_class, seed_spread
 
 
 @settings(max_examples=60, deadline=None)
@@ -74,14 +74,3 @@ def test_seed_spread() -> None:
     assert seed_spread([0.4]) == {"mean": 0.4, "std": 0.0, "min": 0.4, "max": 0.4, "n": 1.0}
     empty = seed_spread([])
     assert empty["n"] == 0.0 and math.isnan(empty["mean"]) and math.isnan(empty["std"])
-
-
-def test_summarize_metric() -> None:
-    values = np.array([0.0, 1.0, np.nan, 1.0, 1.0])
-    summary = summarize_metric(values, n_boot=500, seed=5)
-    assert set(summary) == {"mean", "ci_low", "ci_high", "n"}
-    assert summary["mean"] == 0.75 and summary["n"] == 4.0
-    assert (summary["ci_low"], summary["ci_high"]) == bootstrap_ci(values, n_boot=500, seed=5)
-    assert summary["ci_low"] <= 0.75 <= summary["ci_high"]
-    nothing = summarize_metric(np.array([np.nan]))
-    assert nothing["n"] == 0.0 and math.isnan(nothing["mean"]) and math.isnan(nothing["ci_low"])

@@ -9,7 +9,7 @@ from llm_attribution.attribution.registry import available_methods, get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.data.templates import PromptSettings
 from llm_attribution.features.gradients import GradientSettings, collect_features, lora_modules
-from llm_attribution.features.projection import KroneckerProjector, factor_dims
+from llm_attribution.features.projection import BlockProjection, KroneckerProjector, factor_dims
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
@@ -17,6 +17,17 @@ from llm_attribution.scoring.engine import score_features
 from tests.helpers import toy_task
 
 FLOAT32_TOL = 1e-5
+
+
+def project_full(block: BlockProjection, grads: torch.Tensor) -> torch.Tensor:
+    """The reference: ``[b, d_out, d_in]`` full per-example gradients -> ``[b, k_out * k_in]``
+    (``P_out G P_in^T``), the full gradients formed first (collection projects the factors instead)."""
+    projected = grads if block.out is None else torch.einsum("ko,boi->bki", block.out.to(grads), grads)
+    if block.inp is not None:
+        projected = torch.einsum("bki,ji->bkj", projected, block.inp.to(grads))
+    return projected.reshape(grads.shape[0], -1)
+
+
 PROMPT = PromptSettings(max_length=40)
 
 
@@ -47,7 +58,7 @@ def test_factored_projection_equals_projecting_the_full_gradient(lora_model) -> 
     shapes = {name: tuple(m.weight.shape) for name, m in lora_modules(model).items()}
     for name, (d_out, d_in) in shapes.items():
         block = projector.block(name, d_out, d_in)
-        expected = block.project_matrices(full.blocks[name].reshape(-1, d_out, d_in))
+        expected = project_full(block, full.blocks[name].reshape(-1, d_out, d_in))
         assert projected.blocks[name].shape == (9, block.width) and block.width <= 48
         assert _rel_err(projected.blocks[name], expected) < FLOAT32_TOL, name
     # rank-4 LoRA blocks: the rank side is kept whole, only the width-64 side is projected
@@ -82,7 +93,7 @@ def test_projected_inner_products_are_unbiased() -> None:
     true = float((x * y).sum())
     draws = torch.tensor(
         [
-            float(block.project_matrices(x[None]) @ block.project_matrices(y[None]).T)
+            float(project_full(block, x[None]) @ project_full(block, y[None]).T)
             for block in (KroneckerProjector(16, seed).block("b", 8, 64) for seed in range(4000))
         ],
         dtype=torch.float64,
@@ -103,7 +114,7 @@ def test_norm_distortion_matches_the_kronecker_jl_bound_and_shrinks_with_dim(ran
     for dim in (16, 64, 256):
         ratios = torch.tensor(
             [
-                float(block.project_matrices(x[None]).square().sum() / x.square().sum())
+                float(project_full(block, x[None]).square().sum() / x.square().sum())
                 for block in (KroneckerProjector(dim, seed).block("b", 8, 64) for seed in range(1500))
             ],
             dtype=torch.float64,

@@ -88,33 +88,6 @@ def compare_transformed(
     return out
 
 
-def ihvp_relative_errors(
-    train: GradientBlocks,
-    test: GradientBlocks,
-    methods: Mapping[str, InnerProductMethod],
-    reference: InnerProductMethod | None = None,
-    max_test: int = 20,
-) -> dict[str, dict[str, float]]:
-    """``{method: {block: relative error against exact}}`` (see :func:`compare_ihvp`)."""
-    compared = compare_ihvp(train, test, methods, reference, max_test)
-    return {name: {b: c["relative_error"] for b, c in blocks.items()} for name, blocks in compared.items()}
-
-
-def ihvp_directions(
-    train: GradientBlocks,
-    test: GradientBlocks,
-    methods: Mapping[str, InnerProductMethod],
-    reference: InnerProductMethod | None = None,
-    max_test: int = 20,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Per method, cosines ``{"vs_exact": {block: c}, "vs_gradient": {block: c}}`` (see compare_ihvp)."""
-    compared = compare_ihvp(train, test, methods, reference, max_test)
-    return {
-        name: {key: {b: c[f"cosine_{key}"] for b, c in blocks.items()} for key in ("vs_exact", "vs_gradient")}
-        for name, blocks in compared.items()
-    }
-
-
 def _mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-300).mean())
 

@@ -82,13 +82,3 @@ def read_official_scores(path: str | Path) -> torch.Tensor:
             cells = cells[1:]
         values[position, columns] = _parse_row(cells, path, line)
     return torch.from_numpy(-values)
-
-
-def check_score_shape(scores: torch.Tensor, n_test: int, n_train: int, source: str | Path) -> None:
-    """Raise :class:`DataError` unless ``scores`` is ``n_test x n_train`` (``source`` names the file)."""
-    shape = tuple(scores.shape)
-    if shape != (n_test, n_train):
-        raise DataError(
-            f"{source}: score matrix has shape {shape}, "
-            f"but the dataset has {n_test} test and {n_train} training examples"
-        )

@@ -41,3 +41,13 @@ def read_scores(path: str | Path, fmt: str = "ours") -> torch.Tensor:
     except (SafetensorError, ValueError, OSError) as exc:
         raise DataError(f"cannot read scores {path}: {str(exc).splitlines()[0]}") from None
     raise DataError(f"{path}: unsupported scores file type {suffix!r} (use .safetensors, .npy or .csv)")
+
+
+def check_score_shape(scores: torch.Tensor, n_test: int, n_train: int, source: str | Path) -> None:
+    """Raise :class:`DataError` unless ``scores`` is ``n_test x n_train`` (``source`` names the file)."""
+    shape = tuple(scores.shape)
+    if shape != (n_test, n_train):
+        raise DataError(
+            f"{source}: score matrix has shape {shape}, "
+            f"but the dataset has {n_test} test and {n_train} training examples"
+        )

@@ -74,17 +74,3 @@ def seed_spread(values: Sequence[float]) -> dict[str, float]:
         "max": float(array.max()),
         "n": float(array.size),
     }
-
-
-def summarize_metric(
-    values: np.ndarray | Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> dict[str, float]:
-    """Mean with its bootstrap interval and the number of (non-NaN) test values behind it."""
-    kept = _finite_1d(values)
-    low, high = bootstrap_ci(kept, n_boot=n_boot, level=level, seed=seed)
-    return {
-        "mean": float(kept.mean()) if kept.size else float("nan"),
-        "ci_low": low,
-        "ci_high": high,
-        "n": float(kept.size),
-    }

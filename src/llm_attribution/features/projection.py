@@ -69,17 +69,6 @@ class BlockProjection:
         """``[..., d_in]`` inputs -> ``[..., k_in]``."""
         return inputs if self.inp is None else inputs @ self.inp.to(inputs).T
 
-    def project_matrices(self, grads: torch.Tensor) -> torch.Tensor:
-        """``[b, d_out, d_in]`` full per-example gradients -> ``[b, k_out * k_in]`` (``P_out G P_in^T``).
-
-        Forms the full gradients, so it is for checks and for gradients that exist anyway; collection
-        projects the factors instead.
-        """
-        projected = grads if self.out is None else torch.einsum("ko,boi->bki", self.out.to(grads), grads)
-        if self.inp is not None:
-            projected = torch.einsum("bki,ji->bkj", projected, self.inp.to(grads))
-        return projected.reshape(grads.shape[0], -1)
-
 
 class KroneckerProjector:
     """Per-block Kronecker projections to at most ``dim`` numbers, drawn once per block and cached."""

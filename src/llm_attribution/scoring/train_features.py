@@ -25,25 +25,6 @@ class TrainFeatures:
         """The stored shards of a complete split, each read (and checked) when its turn comes."""
         return cls(lambda: store.shards(examples), -(-len(examples) // store.shard_size), len(examples))
 
-    @classmethod
-    def from_features(cls, features: Features, chunk_size: int) -> TrainFeatures:
-        """Row slices of features held in memory."""
-        n = len(features.ids)
-        starts = range(0, n, chunk_size)
-
-        def passes() -> Iterator[Features]:
-            for s in starts:
-                reps = features.representations
-                yield Features(
-                    features.ids[s : s + chunk_size],
-                    {k: v[s : s + chunk_size] for k, v in features.blocks.items()},
-                    None if reps is None else reps[s : s + chunk_size],
-                    features.losses[s : s + chunk_size],
-                    features.shapes,
-                )
-
-        return cls(passes, len(starts), n)
-
     def gradient_passes(self) -> TrainPasses:
         """The gradient blocks of these passes (statistics computed once, on first use)."""
         return TrainPasses(lambda: (f.blocks for f in self.passes()), self.chunks)

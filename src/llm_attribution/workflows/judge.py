@@ -9,8 +9,7 @@ import torch
 from ..data.loaders import load_task
 from ..data.settings import DataSettings
 from ..evaluation.metrics import Metrics, evaluate
-from ..evaluation.official import check_score_shape
-from ..evaluation.score_files import read_scores
+from ..evaluation.score_files import check_score_shape, read_scores
 
 
 def judge_scores(

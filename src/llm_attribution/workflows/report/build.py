@@ -36,7 +36,7 @@ from ..layout import (
 from ..runs import FinetuneConfig
 from ..study import judge_task
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
-from .official import official_table
+from .published import published_table
 
 CUT = 80
 EXAMPLES = 3
@@ -87,7 +87,7 @@ def build_report(
     )
     report.add("Per-class breakdown", per_class_markdown(record))
     if official_root is not None and data_root is not None and official_root.is_dir():
-        report.add("The study's 7B figures (official score files)", official_table(official_root, data_root))
+        report.add("The study's 7B figures (official score files)", published_table(official_root, data_root))
     for run in _runs(folder):
         _diagnostics(report, run, folder)
     first = _runs(folder)[:1]

@@ -1,4 +1,4 @@
-"""The study's own 7B figures, recomputed from its official score files with our metrics."""
+"""The study's published 7B figures, recomputed from its official score files with our metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..judge import judge_scores
 OFFICIAL_METHODS = {"gmatch": "hessian-free", "inf": "datainf", "lissa": "lissa-study"}
 
 
-def official_table(official_root: Path, data_root: Path) -> str:
+def published_table(official_root: Path, data_root: Path) -> str:
     """Markdown table of accuracy and coverage for every ``<model>/<task>_<epochs>_<method>.csv``."""
     lines = ["| model | task (epochs) | method | accuracy | coverage |", "|---|---|---|---|---|"]
     for path in sorted(official_root.glob("*/*.csv")):
