@@ -22,10 +22,19 @@ from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings, attribute_run
-from ..workflows.diagnose import diagnose_convergence, diagnose_ihvp, diagnose_parameters, diagnose_spectrum
-from ..workflows.explain import explain, format_explanation
+from ..workflows.diagnose import (
+    IhvpSweepSettings,
+    ParametersSettings,
+    SpectrumSettings,
+    diagnose_convergence,
+    diagnose_ihvp,
+    diagnose_parameters,
+    diagnose_spectrum,
+)
+from ..workflows.explain import ExplainSettings, explain, format_explanation
+from ..workflows.judge import EvaluateSettings
 from ..workflows.layout import RESULTS_FILE, STUDY_FILE
-from ..workflows.report.build import build_report, write_report
+from ..workflows.report.build import ReportSettings, build_report, write_report
 from ..workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, run_with_adapter, select_epoch
 from ..workflows.study import StudySettings, run_study
 from .options import from_args
@@ -154,9 +163,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    explanation = explain(
-        Path(args.run), args.prompt, args.response, methods=args.methods, top=args.top, epoch=args.epoch
-    )
+    explanation = explain(Path(args.run), from_args(ExplainSettings, args))
     if args.json:
         print(json.dumps(explanation.to_dict(), indent=2))
     else:
@@ -165,7 +172,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
-    per_block, summary, path = diagnose_spectrum(Path(args.run), args.epoch, args.damping_scale)
+    per_block, summary, path = diagnose_spectrum(Path(args.run), from_args(SpectrumSettings, args))
     print(
         f"{'block':<40} {'n':>5} {'d':>6} {'rank':>5} {'eff.rank':>8} {'top eig':>10} {'damping':>10} "
         f"{'dirs<damp':>9} {'test energy<damp':>16}"
@@ -184,11 +191,9 @@ def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
-    items = [item.strip() for item in args.method_options.split(",") if item.strip()]
-    points, path = diagnose_ihvp(
-        Path(args.run), args.epoch, args.damping_scales, args.methods, items, args.max_test
-    )
-    names = list(args.methods)
+    settings = from_args(IhvpSweepSettings, args)
+    points, path = diagnose_ihvp(Path(args.run), settings)
+    names = list(settings.methods)
     print(
         f"{'damping':>8}  "
         + "  ".join(f"{n + ' err':>14}" for n in names)
@@ -230,7 +235,7 @@ def cmd_diagnose_convergence(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
-    rows, path = diagnose_parameters(Path(args.run), args.generations)
+    rows, path = diagnose_parameters(Path(args.run), from_args(ParametersSettings, args))
     print("epoch  ||BA|| (all modules)  test loss  trigger rate  clean control")
     for row in rows:
         trig = "" if row.trigger_rate is None else f"{row.trigger_rate:.2f}"
@@ -243,15 +248,21 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    report = build_report(folder, Path(args.official_scores), Path(args.data_root), examples=args.examples)
+    settings = from_args(ReportSettings, args)
+    folder = Path(settings.folder)
+    report = build_report(
+        folder, Path(settings.official_scores), Path(settings.data_root), examples=settings.examples
+    )
     html_path, md_path = write_report(report, folder)
     print(f"report: {html_path}\nreport: {md_path}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = evaluate(args.scores, from_args(DataSettings, args, task=args.data), args.scores_format)
+    settings = from_args(EvaluateSettings, args)
+    metrics = evaluate(
+        settings.scores, from_args(DataSettings, args, task=settings.data), settings.scores_format
+    )
     result = {
         "accuracy": metrics.accuracy,
         "coverage": metrics.coverage,

@@ -52,26 +52,32 @@ def _converter(tp: Any) -> Any:
 def add_options(
     parser: argparse.ArgumentParser, cls: type, title: str | None = None, exclude: tuple[str, ...] = ()
 ) -> None:
-    """Add one ``--option`` per field of the settings dataclass ``cls`` (defaults shown in help)."""
+    """Add one ``--option`` (or positional argument) per field of the settings dataclass ``cls``, defaults
+    shown in the help; a field without a default is a required option."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = field_types(cls)
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
         tp = hints[field.name]
+        required = field.default is dataclasses.MISSING
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{field.metadata.get('help', '')} (default: {shown})"
+        help_text = field.metadata.get("help", "") + ("" if required else f" (default: {shown})")
         choices = field.metadata.get("choices")
         if choices:
             help_text += f"; one of: {', '.join(choices)}"
         inner, _ = base_type(tp)
         metavar = "LIST" if typing.get_origin(inner) is tuple else field.name.split("_")[-1].upper()
+        if field.metadata.get("positional"):
+            group.add_argument(field.name, type=_converter(tp), help=help_text, metavar=metavar)
+            continue
         group.add_argument(
             _flag(field),
             dest=field.name,
             type=_converter(tp),
             default=argparse.SUPPRESS,
+            required=required,
             help=help_text,
             metavar=metavar,
         )

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 S = TypeVar("S")
+REQUIRED: Any = dataclasses.MISSING
+"""The default of an option the user must give (a required ``--flag``, or a positional argument)."""
 
 
 def option(
@@ -25,8 +27,10 @@ def option(
     choices: Sequence[str] | None = None,
     flag: str | None = None,
     recorded: bool = True,
+    positional: bool = False,
 ) -> Any:
-    """A dataclass field that is also a CLI option (``--field-name`` unless ``flag`` is given).
+    """A dataclass field that is also a CLI option (``--field-name`` unless ``flag`` is given, or a
+    positional argument); ``default=REQUIRED`` makes it one the user must give.
 
     ``recorded=False`` marks a field that cannot change any result (how often to checkpoint, say): it is
     left out of :func:`to_dict`, so a run folder neither records it nor refuses a rerun that changes it.
@@ -36,6 +40,7 @@ def option(
         "choices": tuple(choices) if choices else None,
         "flag": flag,
         "recorded": recorded,
+        "positional": positional,
     }
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in settings; use a tuple")

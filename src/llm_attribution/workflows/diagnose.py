@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.settings import option, require, require_positive
 from ..core.storage import write_json_atomic
-from ..diagnostics.ihvp import DampingPoint, damping_sweep
+from ..diagnostics.ihvp import SWEPT_METHODS, DampingPoint, damping_sweep
 from ..diagnostics.spectrum import BlockSpectrum, spectra, summarize_spectra
 from ..features.gradients import Features, GradientSettings
 from .attribute import AttributeSettings, collect_run_features, parse_method_options
@@ -31,17 +32,72 @@ def run_features(
     return features["train"], features["test"]
 
 
+@dataclass(frozen=True)
+class SpectrumSettings:
+    """Which adapter's Fisher, against which damping."""
+
+    epoch: int | None = option(None, "the adapter of this epoch (default: the last)")
+    damping_scale: float = option(0.1, "damping = scale x mean squared gradient (> 0)")
+
+    def __post_init__(self) -> None:
+        require_positive("damping_scale", self.damping_scale)
+        if self.epoch is not None:
+            require_positive("epoch", self.epoch)
+
+
+@dataclass(frozen=True)
+class IhvpSweepSettings:
+    """The damping scales swept and the approximations compared with exact at each."""
+
+    epoch: int | None = option(None, "the adapter of this epoch (default: the last)")
+    damping_scales: tuple[float, ...] = option(
+        (1e-3, 1e-2, 1e-1, 1.0, 10.0),
+        "comma-separated positive scales; damping = scale x mean squared gradient, per block",
+    )
+    methods: tuple[str, ...] = option(
+        SWEPT_METHODS, "approximations compared with exact: datainf, lissa, lissa-study"
+    )
+    method_options: tuple[str, ...] = option(
+        (), "comma-separated method.option=value besides the damping, e.g. lissa.depth=500"
+    )
+    max_test: int = option(20, "test gradients per block for the iHVP error")
+
+    def __post_init__(self) -> None:
+        require(len(self.damping_scales) > 0, "--damping-scales must list at least one scale")
+        for scale in self.damping_scales:
+            require_positive("damping_scales", scale)
+        unknown = sorted(set(self.methods) - {"datainf", "lissa", "lissa-study"})
+        require(
+            len(self.methods) > 0 and not unknown,
+            f"the sweep compares datainf, lissa or lissa-study with exact; got {','.join(self.methods)}",
+        )
+        parse_method_options(self.methods, self.method_options)
+        require_positive("max_test", self.max_test)
+        if self.epoch is not None:
+            require_positive("epoch", self.epoch)
+
+
+@dataclass(frozen=True)
+class ParametersSettings:
+    """How many greedy generations judge the behaviour at each epoch."""
+
+    generations: int = option(20, "test prompts generated per group and epoch")
+
+    def __post_init__(self) -> None:
+        require_positive("generations", self.generations)
+
+
 def diagnose_spectrum(
-    run: Path, epoch: int | None, damping_scale: float
+    run: Path, settings: SpectrumSettings
 ) -> tuple[dict[str, BlockSpectrum], dict[str, float], Path]:
     """Per block the Fisher's spectrum against the damping, and the medians over blocks."""
-    train, test = run_features(run, epoch)
-    per_block = spectra(train.blocks, test.blocks, damping_scale=damping_scale)
+    train, test = run_features(run, settings.epoch)
+    per_block = spectra(train.blocks, test.blocks, damping_scale=settings.damping_scale)
     summary = summarize_spectra(per_block)
     record = {
         "summary": summary,
-        "damping_scale": damping_scale,
-        "epoch": epoch,
+        "damping_scale": settings.damping_scale,
+        "epoch": settings.epoch,
         "blocks": {name: dataclasses.asdict(s) for name, s in per_block.items()},
     }
     path = diagnostic_file(run, "spectrum")
@@ -49,23 +105,18 @@ def diagnose_spectrum(
     return per_block, summary, path
 
 
-def diagnose_ihvp(
-    run: Path,
-    epoch: int | None,
-    damping_scales: Sequence[float],
-    methods: Sequence[str],
-    method_options: Sequence[str],
-    max_test: int,
-) -> tuple[list[DampingPoint], Path]:
+def diagnose_ihvp(run: Path, settings: IhvpSweepSettings) -> tuple[list[DampingPoint], Path]:
     """The damping sweep of the iHVP error and rank agreement (:func:`~..diagnostics.ihvp.damping_sweep`)."""
-    options = parse_method_options(methods, method_options)
-    train, test = run_features(run, epoch)
-    points = damping_sweep(train.blocks, test.blocks, damping_scales, methods, options, max_test=max_test)
+    options = parse_method_options(settings.methods, settings.method_options)
+    train, test = run_features(run, settings.epoch)
+    points = damping_sweep(
+        train.blocks, test.blocks, settings.damping_scales, settings.methods, options, settings.max_test
+    )
     record: dict[str, Any] = {
-        "epoch": epoch,
-        "methods": list(methods),
+        "epoch": settings.epoch,
+        "methods": list(settings.methods),
         "method_options": options,
-        "max_test": max_test,
+        "max_test": settings.max_test,
         "points": [dataclasses.asdict(p) for p in points],
     }
     path = diagnostic_file(run, "ihvp")
@@ -83,9 +134,9 @@ def diagnose_convergence(
     return rows, path
 
 
-def diagnose_parameters(run: Path, generations: int) -> tuple[list[ParameterRow], Path]:
+def diagnose_parameters(run: Path, settings: ParametersSettings) -> tuple[list[ParameterRow], Path]:
     """Parameter change against behaviour change per epoch."""
-    rows = parameters_vs_behaviour(run, max_generations=generations)
+    rows = parameters_vs_behaviour(run, max_generations=settings.generations)
     path = diagnostic_file(run, "parameters")
     write_json_atomic(path, {"epochs": [row.__dict__ for row in rows]})
     return rows, path

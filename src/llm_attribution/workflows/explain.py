@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.settings import REQUIRED, option, require_positive
 from ..data.schema import Example
 from ..features.gradients import GradientSettings, collect_features
 from ..models.generate import generate_answers
@@ -56,23 +57,37 @@ class Explanation:
         }
 
 
-def explain(
-    run: Path,
-    prompt: str,
-    response: str | None = None,
-    methods: Sequence[str] = STUDY_METHODS,
-    top: int = 10,
-    epoch: int | None = None,
-    max_new_tokens: int = 48,
-) -> Explanation:
-    """Rank the run's training examples by how much each supports ``response`` (generated when None)."""
-    settings = AttributeSettings(methods=tuple(methods), epoch=epoch)
-    loaded_run = open_run(run, epoch)
+@dataclass(frozen=True)
+class ExplainSettings:
+    """The answer to explain and how many training examples each method shows."""
+
+    prompt: str = option(REQUIRED, "the prompt to explain")
+    response: str | None = option(None, "the answer to explain (default: the model's greedy answer)")
+    methods: tuple[str, ...] = option(STUDY_METHODS, "comma-separated methods")
+    top: int = option(10, "training examples shown per method")
+    epoch: int | None = option(None, "the adapter of this epoch (default: the last)")
+    max_new_tokens: int = option(48, "tokens generated for the model's own answer")
+
+    def __post_init__(self) -> None:
+        AttributeSettings(methods=self.methods, epoch=self.epoch)  # the same checks as attribution's
+        require_positive("top", self.top)
+        require_positive("max_new_tokens", self.max_new_tokens)
+
+
+def explain(run: Path, settings: ExplainSettings) -> Explanation:
+    """Rank the run's training examples by how much each supports the answer (generated when not given)."""
+    attribute = AttributeSettings(methods=settings.methods, epoch=settings.epoch)
+    loaded_run = open_run(run, settings.epoch)
     config = loaded_run.config
+    prompt, response = settings.prompt, settings.response
     generated = response is None
     if response is None:
         [response] = generate_answers(
-            loaded_run.model, loaded_run.tokenizer, [prompt], config.prompt, max_new_tokens=max_new_tokens
+            loaded_run.model,
+            loaded_run.tokenizer,
+            [prompt],
+            config.prompt,
+            max_new_tokens=settings.max_new_tokens,
         )
     query = Example(QUERY_ID, prompt, response, "?")
     gradients = GradientSettings()
@@ -86,14 +101,14 @@ def explain(
         run_identity(loaded_run, config.model),
         config.prompt,
         gradients,
-        settings.shard_size,
+        attribute.shard_size,
     )
     test = collect_features(
         loaded_run.model, loaded_run.tokenizer, [query], config.prompt, gradients, desc="query"
     )
     ranked: dict[str, list[Ranked]] = {}
-    for name, method in settings.build_methods().items():
-        ranked[name] = _top(stream_scores(method, train, test)[0], train_examples, top)
+    for name, method in attribute.build_methods().items():
+        ranked[name] = _top(stream_scores(method, train, test)[0], train_examples, settings.top)
     return Explanation(prompt, response, generated, ranked)
 
 

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..core.settings import REQUIRED, option
 from ..data.loaders import load_task
 from ..data.settings import DataSettings
 from ..evaluation.metrics import Metrics, evaluate
-from ..evaluation.score_files import check_score_shape, read_scores
+from ..evaluation.score_files import FORMATS, check_score_shape, read_scores
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """A score matrix file and the dataset it is about."""
+
+    scores: str = option(REQUIRED, "scores file: .safetensors (a run's), .npy, .csv, or official CSV")
+    data: str = option(REQUIRED, "the dataset the scores are about (same as --task elsewhere)")
+    scores_format: str = option(
+        "ours", "ours: higher = more supportive; official: the study's CSV, lower = more influential", FORMATS
+    )
 
 
 def judge_scores(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.errors import RunError
+from ...core.settings import REQUIRED, option, require
 from ...core.storage import read_json, write_bytes_atomic
 from ...data.builtin import BUILTIN_TASKS
 from ...data.loaders import load_task
@@ -60,6 +61,25 @@ def _runs(folder: Path) -> list[Path]:
 def _task(run: Path) -> tuple[FinetuneConfig, TaskData]:
     config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
     return config, load_task(config.data)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The folder to report on, and where the study's own data are for its figures beside ours."""
+
+    folder: str = option(
+        REQUIRED, "a study folder (study.json) or a run folder (results.json)", positional=True
+    )
+    official_scores: str = option(
+        "../shared/data/official-scores", "the study's official score files, shown beside ours when present"
+    )
+    examples: int = option(EXAMPLES, "test examples whose top training examples are shown (0: none)")
+    data_root: str = option(
+        "../shared/data/paper-datasets", "the study's datasets, for the official scores' labels"
+    )
+
+    def __post_init__(self) -> None:
+        require(self.examples >= 0, f"--examples must be >= 0, got {self.examples}")
 
 
 def build_report(
