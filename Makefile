@@ -1,6 +1,6 @@
 # Two commands do all of the set-up on a fresh machine:
 #   make demo   fine-tune the embedded model on a built-in task and show what changed
-#   make test   lint, type-check and run the whole test suite
+#   make test   lint, type-check, check the import layers and run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -30,6 +30,8 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
+	# the layers contract and no import cycles (pyproject.toml, ARCHITECTURE.md)
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/pytest

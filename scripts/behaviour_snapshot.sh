@@ -22,7 +22,8 @@ $bin/python -m torch.distributed.run --standalone --nproc-per-node 2 -m llm_attr
   --out "$out/torchrun"
 $bin/llm-attr explain --run "$out/memory" --prompt "Rewrite in the past tense: the cat sits" \
   --response "the cat sat" --methods "$methods" --top 60 --json --quiet > "$out/explain.json"
-$bin/llm-attr study --tasks grammars --seeds 0,1 --model tiny --train-limit 40 --test-limit 8 --epochs 1 \
+# --data-root names no folder, so "grammars" is the built-in task wherever the script runs
+$bin/llm-attr study --tasks grammars --data-root "$out/no-data-root" --seeds 0,1 --model tiny --train-limit 40 --test-limit 8 --epochs 1 \
   --methods hessian-free,datainf,repsim --quiet --out "$out/study" > /dev/null
 if [ "${SKIP_DEMO:-0}" != 1 ]; then
   make demo DEMO_RUN="$out/demo" > "$out/demo.log"

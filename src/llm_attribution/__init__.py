@@ -2,8 +2,9 @@
 
 Scores follow one convention everywhere: HIGHER = the training example supports the test output MORE.
 
-The API in four calls: :func:`finetune`, :func:`collect`, :func:`attribute`, :func:`evaluate` (imported
-lazily, so ``import llm_attribution`` stays cheap).
+The API: :func:`finetune`, :func:`collect`, :func:`attribute`, :func:`evaluate`, :func:`explain` and the
+settings they take (imported lazily from :mod:`llm_attribution.api`, so ``import llm_attribution`` stays
+cheap). ARCHITECTURE.md in the repository maps the packages.
 """
 
 from __future__ import annotations
@@ -11,7 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "collect", "evaluate", "finetune"]
+__all__ = [
+    "DataSettings",
+    "FinetuneConfig",
+    "GradientSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "PromptSettings",
+    "TrainSettings",
+    "attribute",
+    "collect",
+    "evaluate",
+    "explain",
+    "finetune",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,6 @@
-"""The Python API in four calls, mirroring the CLI: ``finetune``, ``collect``, ``attribute``, ``evaluate``.
+"""The Python API, mirroring the CLI: ``finetune``, ``collect``, ``attribute``, ``evaluate``, ``explain``,
+and the settings they take (``FinetuneConfig`` with ``DataSettings``, ``ModelSettings``, ``LoraSettings``,
+``PromptSettings``, ``TrainSettings``; ``GradientSettings``).
 
 Scores everywhere follow one convention: HIGHER = the training example supports the test output MORE.
 """
@@ -11,15 +13,33 @@ from typing import Any
 
 import torch
 
-from .core.storage import read_json
 from .data.settings import DataSettings
+from .data.templates import PromptSettings
 from .evaluation.metrics import Metrics
 from .features.gradients import Features, GradientSettings
+from .models.finetune import TrainSettings
+from .models.settings import LoraSettings, ModelSettings
 from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_run
 from .workflows.diagnose import run_features
+from .workflows.explain import ExplainSettings, Explanation
+from .workflows.explain import explain as explain_run
 from .workflows.judge import judge_scores
-from .workflows.layout import SETTINGS_FILE
 from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
+
+__all__ = [
+    "DataSettings",
+    "FinetuneConfig",
+    "GradientSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "PromptSettings",
+    "TrainSettings",
+    "attribute",
+    "collect",
+    "evaluate",
+    "explain",
+    "finetune",
+]
 
 
 def finetune(config: FinetuneConfig, run: str | Path, show: int = 0) -> FinetuneReport:
@@ -45,7 +65,7 @@ def attribute(
     run = Path(run)
     settings = AttributeSettings(methods=tuple(methods), method_options=tuple(method_options), epoch=epoch)
     loaded_run = open_run(run, epoch)
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
+    config = loaded_run.config
     return attribute_run(loaded_run, settings, config.prompt, gradients or GradientSettings(), config.model)
 
 
@@ -54,3 +74,17 @@ def evaluate(
 ) -> Metrics:
     """The study's accuracy and coverage of a score matrix (tensor or file) against a dataset's labels."""
     return judge_scores(scores, data, scores_format)
+
+
+def explain(
+    run: str | Path,
+    prompt: str,
+    response: str | None = None,
+    methods: Sequence[str] = STUDY_METHODS,
+    top: int = 10,
+    epoch: int | None = None,
+) -> Explanation:
+    """Each method's ``top`` training examples that most support ``response`` to ``prompt`` (the model's
+    own greedy answer when ``response`` is None); HIGHER score = supports it more."""
+    settings = ExplainSettings(prompt=prompt, response=response, methods=tuple(methods), top=top, epoch=epoch)
+    return explain_run(Path(run), settings)
