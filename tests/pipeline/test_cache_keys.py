@@ -23,9 +23,9 @@ from llm_attribution.features.gradients import GradientSettings
 from llm_attribution.models.finetune import TrainSettings
 from llm_attribution.models.settings import LoraSettings, ModelSettings
 from llm_attribution.scoring import engine
-from llm_attribution.workflows import attribute as scoring
+from llm_attribution.workflows import features as scoring
 from llm_attribution.workflows import runs as pipeline
-from llm_attribution.workflows.attribute import collect_run_features
+from llm_attribution.workflows.features import RunFeatures
 from llm_attribution.workflows.runs import FinetuneConfig, finetune_run, open_run, select_epoch
 
 
@@ -128,7 +128,7 @@ def test_finetuning_reuses_the_same_settings(run, calls) -> None:
 def _collect(loaded_run, config: FinetuneConfig, **changes) -> None:  # type: ignore[no-untyped-def]
     prompt = dataclasses.replace(config.prompt, **changes.pop("prompt", {}))
     model = dataclasses.replace(config.model, **changes.pop("model", {}))
-    collect_run_features(loaded_run, prompt, GradientSettings(), model, shard_size=256)
+    RunFeatures(loaded_run, prompt, GradientSettings(), model, shard_size=256).in_memory()
 
 
 FEATURE_CHANGES = {
@@ -152,7 +152,7 @@ def test_features_are_recomputed_when_a_setting_changes(run, calls, tmp_path, se
 def test_features_are_recomputed_for_other_model_adapter_or_data(run, calls, tmp_path) -> None:
     folder = Path(shutil.copytree(run[0], tmp_path / "run"))
     loaded_run = open_run(folder)
-    loaded_run.base.spec = "another-model"  # what run_identity reads as the model
+    loaded_run.base.spec = "another-model"  # what RunFeatures.identity reads as the model
     _collect(loaded_run, run[1])
     assert (calls["train"], calls["test"]) == (1, 1)
     loaded_run = open_run(folder)

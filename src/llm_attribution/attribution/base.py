@@ -27,7 +27,7 @@ from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
 from .grouping import width_groups
-from .passes import TrainPasses, row_norms_squared
+from .passes import BlockStatistics, TrainPasses, block_width, require_same_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -294,26 +294,14 @@ def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str]
     """Check that train and test hold the same 2-D blocks of equal widths; ``(names, n_train, n_test)``."""
     if not train:
         raise DataError("no gradient blocks were given")
-    if set(train) != set(test):
-        only_train = sorted(set(train) - set(test))
-        only_test = sorted(set(test) - set(train))
-        raise DataError(
-            f"train and test gradients cover different blocks (train only: {only_train[:3]}, "
-            f"test only: {only_test[:3]})"
-        )
+    require_same_blocks(train, test)
     names = list(train)
     n_train = n_test = -1
     for name in names:
         g_train, g_test = train[name], test[name]
-        if g_train.ndim != 2 or g_test.ndim != 2:
-            raise DataError(
-                f"block {name}: expected [examples, dim] matrices, got {tuple(g_train.shape)} "
-                f"and {tuple(g_test.shape)}"
-            )
-        if g_train.shape[1] != g_test.shape[1]:
-            raise DataError(f"block {name}: train width {g_train.shape[1]} != test width {g_test.shape[1]}")
-        if not (g_train.is_floating_point() and g_test.is_floating_point()):
-            raise DataError(f"block {name}: gradients must be floating point")
+        width = block_width(name, g_train)
+        if block_width(name, g_test) != width:
+            raise DataError(f"block {name}: train width {width} != test width {g_test.shape[1]}")
         if n_train == -1:
             n_train, n_test = g_train.shape[0], g_test.shape[0]
         elif (g_train.shape[0], g_test.shape[0]) != (n_train, n_test):
@@ -344,10 +332,6 @@ def compute_dtype(*blocks: GradientBlocks) -> torch.dtype:
 
 
 def block_damping(train_block: torch.Tensor, damping_scale: float) -> float:
-    """The study's damping ``lambda = damping_scale * mean_i(mean_j g_ij^2)`` over a block's train gradients.
-
-    The official code divides the mean by ``lambda_const_param=10``; ``damping_scale=0.1`` is the same.
-    Rows are summed in float64 so that large blocks do not lose precision.
-    """
-    total = float(row_norms_squared(train_block).to(torch.float64).sum())
-    return damping_scale * total / train_block.numel()
+    """The study's damping of one block held in memory (:meth:`~.passes.BlockStatistics.damping`, the
+    one formula: ``damping_scale`` x the mean squared training gradient)."""
+    return BlockStatistics.of(train_block).damping(damping_scale)

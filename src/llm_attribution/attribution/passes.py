@@ -59,8 +59,18 @@ class BlockStatistics:
         return self.sum_squares > 0.0
 
     def damping(self, damping_scale: float) -> float:
-        """The study's ``lambda = damping_scale * mean squared entry`` (as ``block_damping``)."""
+        """The study's ``lambda = damping_scale * mean_i(mean_j g_ij^2)`` over the block's training
+        gradients. The official code divides the mean by ``lambda_const_param=10``; ``damping_scale=0.1``
+        is the same. Squares are summed in float64 so that large blocks do not lose precision."""
         return damping_scale * self.sum_squares / (self.rows * self.width)
+
+    @classmethod
+    def of(cls, block: torch.Tensor) -> BlockStatistics:
+        """The statistics of one block held in memory (as one pass over it would find them)."""
+        squares = row_norms_squared(block).to(torch.float64)
+        rows = int(block.shape[0])
+        top = float(squares.max()) if rows else 0.0
+        return cls(rows, block_width("block", block), float(squares.sum()), top)
 
 
 class TrainPasses:
@@ -121,19 +131,16 @@ class TrainPasses:
         start = 0
         for chunk in self:
             columns = slice(start, start + next(iter(chunk.values())).shape[0])
-            stacked = [StackedChunk(self, columns, chunk, tuple(group), dtype, device) for group in groups]
+            stacked = [
+                StackedChunk(columns, chunk, tuple(group), dtype, device, self._row_squares)
+                for group in groups
+            ]
             if self.held is not None:
                 kept.append((columns, stacked))
             yield columns, stacked
             start = columns.stop
         if self.held is not None:
             self._stacked[key] = kept
-
-    def row_squares(self, name: str, rows: slice, chunk: torch.Tensor) -> torch.Tensor:
-        """``[c]`` squared norms of a chunk's rows of block ``name`` (kept from the statistics pass for
-        held blocks, else computed from ``chunk``)."""
-        kept = self._row_squares.get(name)
-        return kept[rows] if kept is not None else row_norms_squared(chunk)
 
     def statistics(self) -> dict[str, BlockStatistics]:
         """Per block (in the chunks' block order): rows, width, sum of squares, largest row norm."""
@@ -161,14 +168,14 @@ class TrainPasses:
             if not widths:
                 if not chunk:
                     raise DataError("no gradient blocks were given")
-                widths = {name: _width(name, block) for name, block in chunk.items()}
+                widths = {name: block_width(name, block) for name, block in chunk.items()}
                 sums = dict.fromkeys(widths, 0.0)
                 maxima = dict.fromkeys(widths, 0.0)
             if set(chunk) != set(widths):
                 raise DataError("training gradient chunks cover different blocks")
             size = next(iter(chunk.values())).shape[0]
             for name, block in chunk.items():
-                if _width(name, block) != widths[name] or block.shape[0] != size:
+                if block_width(name, block) != widths[name] or block.shape[0] != size:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
                 if size:
@@ -187,16 +194,10 @@ class TrainPasses:
     def check_test(self, test: Blocks) -> list[str]:
         """Check that ``test`` has the training blocks, of equal widths; the block names in order."""
         statistics = self.statistics()
-        if set(statistics) != set(test):
-            only_train = sorted(set(statistics) - set(test))
-            only_test = sorted(set(test) - set(statistics))
-            raise DataError(
-                f"train and test gradients cover different blocks (train only: {only_train[:3]}, "
-                f"test only: {only_test[:3]})"
-            )
+        require_same_blocks(statistics, test)
         sizes = {block.shape[0] for block in test.values()}
         for name, stats in statistics.items():
-            if _width(name, test[name]) != stats.width:
+            if block_width(name, test[name]) != stats.width:
                 raise DataError(
                     f"block {name}: train width {stats.width} != test width {test[name].shape[1]}"
                 )
@@ -217,16 +218,18 @@ class StackedChunk:
 
     def __init__(
         self,
-        passes: TrainPasses,
         columns: slice,
         chunk: Blocks,
         names: tuple[str, ...],
         dtype: torch.dtype,
         device: torch.device,
+        kept_squares: Mapping[str, torch.Tensor],
     ) -> None:
         self.names = names
         self.rows = stack_rows([chunk[name] for name in names], dtype, device)
-        self._passes, self._chunk, self._device = passes, chunk, device
+        # No reference back to the passes: the passes keep their held chunks, and a cycle would leave
+        # every group's stacked copy to the cyclic collector instead of freeing it when scored.
+        self._chunk, self._device, self._kept = chunk, device, kept_squares
         self.columns = columns
 
     @functools.cached_property
@@ -234,10 +237,31 @@ class StackedChunk:
         """``[B, c]`` squared row norms, in the blocks' own dtype (not the stacked copy's)."""
         return torch.stack(
             [
-                self._passes.row_squares(name, self.columns, self._chunk[name]).to(self._device)
+                (
+                    self._kept[name][self.columns]
+                    if name in self._kept
+                    else row_norms_squared(self._chunk[name])
+                ).to(self._device)
                 for name in self.names
             ]
         )
+
+
+def require_same_blocks(train: Iterable[str], test: Iterable[str]) -> None:
+    """Raise :class:`DataError` unless the training and test gradients cover the same blocks."""
+    train_names, test_names = set(train), set(test)
+    if train_names != test_names:
+        only_train, only_test = sorted(train_names - test_names), sorted(test_names - train_names)
+        raise DataError(
+            f"train and test gradients cover different blocks (train only: {only_train[:3]}, "
+            f"test only: {only_test[:3]})"
+        )
+
+
+def gather_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A block's training rows from its chunks, in order: the one chunk itself when there is one (blocks
+    held in memory are not copied), else their concatenation."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 def row_norms_squared(block: torch.Tensor) -> torch.Tensor:
@@ -245,7 +269,8 @@ def row_norms_squared(block: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(block, dim=1).square()
 
 
-def _width(name: str, block: torch.Tensor) -> int:
+def block_width(name: str, block: torch.Tensor) -> int:
+    """The width of a block's ``[examples, dim]`` floating matrix (a :class:`DataError` otherwise)."""
     if block.ndim != 2 or not block.is_floating_point():
         raise DataError(f"block {name}: expected a floating [examples, dim] matrix, got {tuple(block.shape)}")
     return int(block.shape[1])

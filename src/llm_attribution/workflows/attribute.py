@@ -1,4 +1,5 @@
-"""From a fine-tuned run to scored attributions: features (stored), every method's score matrix, metrics.
+"""Attribute a run: which methods with which options, then every method's score matrix and metrics in
+``results.json``.
 
 Scores follow one convention everywhere: HIGHER = the training example supports the test output MORE.
 """
@@ -6,35 +7,26 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
 from ..attribution.base import Method
 from ..attribution.registry import get_method, method_class
 from ..core import distributed
 from ..core.errors import ConfigError
-from ..core.settings import base_type, field_types, option, require, require_positive, to_dict
+from ..core.settings import base_type, field_types, option, require, require_positive
 from ..core.storage import read_json, write_json_atomic
 from ..core.versions import package_versions
-from ..data.schema import Example, data_fingerprint
 from ..data.templates import PromptSettings
-from ..features.gradients import Features, GradientSettings, collect_features
-from ..features.ranks import collect_on_ranks
-from ..features.store import FeatureStore
-from ..models.lora import adapter_fingerprint
+from ..features.gradients import Features, GradientSettings
 from ..models.settings import ModelSettings
 from ..scoring.engine import ScoringJob, score_in_memory, score_streamed
 from ..scoring.store import ScoreStore
 from ..scoring.train_features import TrainFeatures
-from .layout import RESULTS_FILE, SETTINGS_FILE, features_dir, scores_dir
+from .features import RunFeatures
+from .layout import RESULTS_FILE, SETTINGS_FILE, scores_dir
 from .runs import LoadedRun
 
 log = logging.getLogger(__name__)
@@ -118,130 +110,6 @@ def _typed(text: str, hint: Any, item: str) -> Any:
         raise ConfigError(f"--method-options: {item!r} needs a {kind} value") from None
 
 
-def collect_split(
-    run: Path,
-    split: str,
-    examples: Sequence[Example],
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    identity: Mapping[str, Any],
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    shard_size: int,
-) -> Features:
-    """Features of one split, from the store when they were computed with the same fingerprint."""
-    store = FeatureStore(
-        features_dir(run),
-        split,
-        split_fingerprint(identity, prompt, examples, gradients),
-        shard_size=shard_size,
-    )
-    return store.compute(examples, _collector(model, tokenizer, prompt, gradients, split))
-
-
-def stream_split(
-    run: Path,
-    split: str,
-    examples: Sequence[Example],
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    identity: Mapping[str, Any],
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    shard_size: int,
-) -> TrainFeatures:
-    """Features of one split stored (the missing shards computed, one at a time) and read back as passes
-    over the store's shards: never all in memory."""
-    fingerprint = split_fingerprint(identity, prompt, examples, gradients)
-    store = FeatureStore(features_dir(run), split, fingerprint, shard_size=shard_size)
-    store.ensure(examples, _collector(model, tokenizer, prompt, gradients, split))
-    return TrainFeatures.from_store(store, examples)
-
-
-def _collector(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    split: str,
-) -> Callable[[Sequence[Example]], Features]:
-    collect = functools.partial(
-        collect_features, model, tokenizer, prompt=prompt, settings=gradients, desc=f"{split} features"
-    )
-    # under torchrun each rank computes a slice of every shard (collect_on_ranks); rank 0 stores it
-    return functools.partial(collect_on_ranks, collect=collect)
-
-
-def split_fingerprint(
-    identity: Mapping[str, Any],
-    prompt: PromptSettings,
-    examples: Sequence[Example],
-    gradients: GradientSettings | None = None,
-) -> dict[str, Any]:
-    """Everything that produced one split's features: model, adapter, dtype, template, data content, and
-    a random projection when there is one (the gradient batch size changes nothing)."""
-    projection = gradients.fingerprint() if gradients is not None else {}
-    return {**identity, "prompt": to_dict(prompt), "data": data_fingerprint(examples), **projection}
-
-
-def run_identity(loaded_run: LoadedRun, model_settings: ModelSettings) -> dict[str, Any]:
-    """What, besides data and template, determines a run's features: the model and the adapter's weights."""
-    return {
-        "model": loaded_run.base.spec,
-        "source": loaded_run.base.source,
-        "dtype": model_settings.dtype,
-        "adapter_sha256": adapter_fingerprint(loaded_run.adapter),
-    }
-
-
-def collect_run_features(
-    loaded_run: LoadedRun,
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    model_settings: ModelSettings,
-    shard_size: int = 256,
-) -> tuple[dict[str, Features], dict[str, float]]:
-    """Train and test features of a run's model (from the store when already computed), with timings."""
-    identity = run_identity(loaded_run, model_settings)
-    timings: dict[str, float] = {}
-    features = {}
-    for split, examples in (("train", loaded_run.task.train), ("test", loaded_run.task.test)):
-        start = time.perf_counter()
-        features[split] = collect_split(
-            loaded_run.run,
-            split,
-            examples,
-            loaded_run.model,
-            loaded_run.tokenizer,
-            identity,
-            prompt,
-            gradients,
-            shard_size,
-        )
-        timings[f"features_{split}_s"] = time.perf_counter() - start
-    return features, timings
-
-
-def stream_run_features(
-    loaded_run: LoadedRun,
-    prompt: PromptSettings,
-    gradients: GradientSettings,
-    model_settings: ModelSettings,
-    shard_size: int = 256,
-) -> tuple[TrainFeatures, Features, dict[str, float]]:
-    """Training features stored (computed where missing, never all in memory) and read back as passes
-    over shards; test features in memory; with timings."""
-    identity = run_identity(loaded_run, model_settings)
-    model, tokenizer, task, run = loaded_run.model, loaded_run.tokenizer, loaded_run.task, loaded_run.run
-    start = time.perf_counter()
-    train = stream_split(run, "train", task.train, model, tokenizer, identity, prompt, gradients, shard_size)
-    timings = {"features_train_s": time.perf_counter() - start}
-    start = time.perf_counter()
-    test = collect_split(run, "test", task.test, model, tokenizer, identity, prompt, gradients, shard_size)
-    timings["features_test_s"] = time.perf_counter() - start
-    return train, test, timings
-
-
 def attribute_run(
     loaded_run: LoadedRun,
     settings: AttributeSettings,
@@ -254,17 +122,11 @@ def attribute_run(
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
     run, task = loaded_run.run, loaded_run.task
-    identity = run_identity(loaded_run, model_settings)
-    features_key = {
-        split: FeatureStore(
-            features_dir(run), split, split_fingerprint(identity, prompt, examples, gradients)
-        ).folder.name
-        for split, examples in (("train", task.train), ("test", task.test))
-    }
+    features = RunFeatures(loaded_run, prompt, gradients, model_settings, settings.shard_size)
     job = ScoringJob(
         methods=settings.build_methods(),
         store=ScoreStore(scores_dir(run)),
-        features_key=features_key,
+        features_key=features.keys(),
         train_ids=[e.id for e in task.train],
         test_ids=[e.id for e in task.test],
         train_labels=[e.label for e in task.train],
@@ -277,9 +139,7 @@ def attribute_run(
     if settings.stream and not distributed.active():
 
         def streamed() -> tuple[TrainFeatures, Features]:
-            train, test, measured = stream_run_features(
-                loaded_run, prompt, gradients, model_settings, settings.shard_size
-            )
+            train, test, measured = features.streamed()
             timings.update(measured)
             return train, test
 
@@ -287,14 +147,12 @@ def attribute_run(
     else:
 
         def in_memory() -> tuple[Features, Features]:
-            features, measured = collect_run_features(
-                loaded_run, prompt, gradients, model_settings, settings.shard_size
-            )
+            train, test, measured = features.in_memory()
             timings.update(measured)
-            return features["train"], features["test"]
+            return train, test
 
         results, ihvp = score_in_memory(job, in_memory)
-    adapter_sha256 = identity["adapter_sha256"]
+    adapter_sha256 = features.identity["adapter_sha256"]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
     if record.get("adapter_sha256") != adapter_sha256:

@@ -16,7 +16,8 @@ from ..core.storage import read_json
 from ..diagnostics.convergence import gradient_cosine
 from ..features.gradients import Features, GradientSettings
 from ..scoring.engine import judge_methods
-from .attribute import AttributeSettings, collect_run_features
+from .attribute import AttributeSettings
+from .features import RunFeatures
 from .layout import FINETUNE_FILE
 from .runs import run_epochs
 
@@ -41,14 +42,15 @@ def convergence(
     previous: Features | None = None
     for loaded_run in run_epochs(run):
         epoch, config = typing.cast(int, loaded_run.epoch), loaded_run.config
-        features, _ = collect_run_features(
+        features = RunFeatures(
             loaded_run, config.prompt, gradients or GradientSettings(), config.model, settings.shard_size
         )
+        train, test, _ = features.in_memory()
         task = loaded_run.task
         judged = judge_methods(
             settings.build_methods(),
-            features["train"],
-            features["test"],
+            train,
+            test,
             [e.label for e in task.train],
             [e.label for e in task.test],
         )
@@ -56,14 +58,14 @@ def convergence(
             EpochRow(
                 epoch=epoch,
                 train_loss=losses[epoch - 1] if epoch <= len(losses) else None,
-                test_loss=float(features["test"].losses.mean()),
+                test_loss=float(test.losses.mean()),
                 methods={
                     name: {"accuracy": m.accuracy, "coverage": m.coverage} for name, m in judged.items()
                 },
                 gradient_cosine_with_previous=(
-                    gradient_cosine(previous, features["train"]) if previous is not None else None
+                    gradient_cosine(previous, train) if previous is not None else None
                 ),
             )
         )
-        previous = features["train"]
+        previous = train
     return rows

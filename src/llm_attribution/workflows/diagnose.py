@@ -13,8 +13,9 @@ from ..core.storage import write_json_atomic
 from ..diagnostics.ihvp import SWEPT_METHODS, DampingPoint, damping_sweep
 from ..diagnostics.spectrum import BlockSpectrum, spectra, summarize_spectra
 from ..features.gradients import Features, GradientSettings
-from .attribute import AttributeSettings, collect_run_features, parse_method_options
+from .attribute import AttributeSettings, parse_method_options
 from .convergence import EpochRow, convergence
+from .features import RunFeatures
 from .layout import diagnostic_file
 from .parameters import ParameterRow, parameters_vs_behaviour
 from .runs import open_run
@@ -26,10 +27,10 @@ def run_features(
     """Per-example LoRA gradients and representations of a run's train and test examples (stored, reused)."""
     loaded_run = open_run(run, epoch)
     config = loaded_run.config
-    features, _ = collect_run_features(
+    train, test, _ = RunFeatures(
         loaded_run, config.prompt, gradients or GradientSettings(), config.model
-    )
-    return features["train"], features["test"]
+    ).in_memory()
+    return train, test
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ import torch
 
 from ..core.settings import REQUIRED, option, require_positive
 from ..data.schema import Example
-from ..features.gradients import GradientSettings, collect_features
+from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
-from .attribute import STUDY_METHODS, AttributeSettings, run_identity, stream_split
+from .attribute import STUDY_METHODS, AttributeSettings
+from .features import RunFeatures
 from .runs import open_run
 
 QUERY_ID = "query"
@@ -90,22 +91,10 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
             max_new_tokens=settings.max_new_tokens,
         )
     query = Example(QUERY_ID, prompt, response, "?")
-    gradients = GradientSettings()
+    features = RunFeatures(loaded_run, config.prompt, GradientSettings(), config.model, attribute.shard_size)
+    train = features.stream("train")  # read back shard by shard: memory does not grow with the training set
+    test = features.collect([query], desc="query")
     train_examples = loaded_run.task.train
-    train = stream_split(  # read back shard by shard: memory does not grow with the training set
-        run,
-        "train",
-        train_examples,
-        loaded_run.model,
-        loaded_run.tokenizer,
-        run_identity(loaded_run, config.model),
-        config.prompt,
-        gradients,
-        attribute.shard_size,
-    )
-    test = collect_features(
-        loaded_run.model, loaded_run.tokenizer, [query], config.prompt, gradients, desc="query"
-    )
     ranked: dict[str, list[Ranked]] = {}
     for name, method in attribute.build_methods().items():
         ranked[name] = _top(stream_scores(method, train, test)[0], train_examples, settings.top)

@@ -1,7 +1,6 @@
-"""The pipeline as library calls: the CLI and the Python API both go through these functions.
-
-``finetune_run`` trains (or reuses) the LoRA adapters of a run; ``run`` goes on to features, scores
-and metrics; ``attribute`` re-scores an existing run. Scores: HIGHER = supports the test output more.
+"""A run folder's model: fine-tune it (or reuse the adapters it holds), adopt an adapter trained
+elsewhere, or open a finished run at any saved epoch. Each gives a :class:`LoadedRun` (task, model with
+its adapter, and where they came from) for the other workflows to attribute, explain or diagnose.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from ..data.loaders import load_task
 from ..data.schema import Example, TaskData, data_fingerprint
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
-from ..features.gradients import GradientSettings
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
 from ..models.lora import ADAPTER_WEIGHTS, adapter_fingerprint, attach_lora, load_adapter
@@ -290,7 +288,6 @@ def _data_record(task: TaskData) -> dict[str, Any]:
 __all__ = [
     "FinetuneConfig",
     "FinetuneReport",
-    "GradientSettings",
     "LoadedRun",
     "finetune_run",
     "open_run",

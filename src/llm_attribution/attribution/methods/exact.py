@@ -24,7 +24,7 @@ import torch
 
 from ...core.settings import option, require, require_choice, require_positive
 from ..base import DampedSettings, GradientBlocks, InnerProductMethod, live_blocks
-from ..passes import TrainPasses
+from ..passes import TrainPasses, gather_rows
 from ..registry import register
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Exact(InnerProductMethod):
             lam = statistics[name].damping(self.settings.damping_scale)
             v = test[name].to(dtype=dtype)
             if name in rows:
-                g = torch.cat(rows.pop(name)).to(device=v.device, dtype=dtype)
+                g = gather_rows(rows.pop(name)).to(device=v.device, dtype=dtype)
                 out[name] = self._woodbury(name, g, v, lam)
             else:
                 out[name] = self._dense(name, grams.pop(name).to(v.device), n, v, lam)

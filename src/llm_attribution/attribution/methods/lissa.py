@@ -43,7 +43,7 @@ from ..base import (
     InnerProductMethod,
     live_blocks,
 )
-from ..passes import FisherProducts, TrainPasses
+from ..passes import FisherProducts, TrainPasses, gather_rows
 from ..registry import register
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Lissa(InnerProductMethod):
         out = {}
         for name in names:
             v = test[name].to(dtype=dtype)
-            rows = torch.cat(parts.pop(name)).to(v.device, dtype)
+            rows = gather_rows(parts.pop(name)).to(v.device, dtype)
             out[name] = self._minibatch_recursion(
                 name, rows, v, statistics[name].damping(self.settings.damping_scale)
             )
