@@ -6,14 +6,16 @@ same synthetic gradients, shaped like the embedded SmolLM2-135M's LoRA blocks (9
 as in ``bench.py``). Per method it prints both trees' best time and their ratio.
 
     git worktree add /tmp/before <commit>
-    .venv/bin/python benchmarks/compare_trees.py /tmp/before/src src --rounds 2
+    .venv/bin/python benchmarks/compare_trees.py /tmp/before/src src --rounds 2 --out docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--n-train", type=int, default=900)
     parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None, help="write the table into this file's section")
+    parser.add_argument("--label", default="", help="what the two trees are, for the section's text")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -105,10 +109,28 @@ def main() -> None:
                 f"round {round_ + 1} {side}: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()),
                 flush=True,
             )
-    print("\n| method | before, s | after, s | after / before |\n|---|---:|---:|---:|")
+    table = ["| method | before, s | after, s | after / before |", "|---|---:|---:|---:|"]
     for name in methods:
         old, new = best["old"][name], best["new"][name]
-        print(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f} |")
+        table.append(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f} |")
+    print("\n" + "\n".join(table))
+    if args.out is not None:
+        from sections import write_section
+
+        command = (
+            f"python benchmarks/compare_trees.py OLD/src src --rounds {args.rounds} --repeats {args.repeats}"
+        )
+        body = (
+            f"## Before and after a change, paired: {args.label or 'two source trees'}\n\n"
+            f"Measured by `{command}` on {datetime.date.today()}, on {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores: in-memory scoring of {args.n_test} test x {args.n_train} training "
+            "examples on synthetic gradients shaped like the embedded model's 120 LoRA blocks, each tree in "
+            f"fresh processes taken in turns (old, new, new, old; {args.rounds} round(s)), best time per "
+            "method (lissa timed once per process). Turns make the ratio a like-for-like comparison on a "
+            "machine whose speed drifts: the absolute times are this day's machine, not the bench section's."
+            "\n\n" + "\n".join(table)
+        )
+        write_section(args.out, "compare-trees", body)
 
 
 if __name__ == "__main__":
