@@ -1,4 +1,5 @@
-"""The attribution interface: methods as small classes behind one ``score``, registered by name.
+"""The attribution interface: a method is a small class with one transform, registered by name
+(:mod:`.registry`), and the two schedules every gradient method is scored on (in memory and streamed).
 
 A gradient method turns per-example gradients into an ``n_test x n_train`` score matrix in which a
 HIGHER score means "this training example supports this test output more". Gradients arrive as
@@ -202,8 +203,8 @@ class InnerProductMethod(Method):
             blocks = {name: train[name].to(device=device, dtype=dtype) for name in groups[index]}
             passes = TrainPasses.from_blocks(blocks, self.settings.chunk_size)
             transformed = self.transform_test(passes, {name: test[name].to(device, dtype) for name in blocks})
-            for columns, scores in self.score_columns(transformed, passes, out):
-                out[:, columns] = scores
+            for _ in self.score_columns(transformed, passes, out):
+                pass  # each chunk's products are added into its columns of ``out`` in place
             if after_group is not None and index + 1 < len(groups):
                 after_group(PartialScores(ends[index], out))
         self.end_scoring(len(names))

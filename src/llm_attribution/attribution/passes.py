@@ -118,10 +118,9 @@ class TrainPasses:
         self, groups: Sequence[Sequence[str]], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[slice, list[StackedChunk]]]:
         """One pass: each chunk's training rows (columns of the score matrix) and one :class:`StackedChunk`
-        per group of equal-width blocks, the rows
-        in ``dtype`` (the copy that rounding to bf16 needs anyway; a view when nothing is converted).
-        Held blocks are stacked once and kept, so a method's own products and the scoring pass share
-        the copy."""
+        per group of equal-width blocks, the rows in ``dtype`` (the copy that rounding to bf16 needs
+        anyway; a view when nothing is converted). Held blocks are stacked once and kept, so a method's
+        own products and the scoring pass share the copy."""
         key = (tuple(map(tuple, groups)), dtype, device)
         if key in self._stacked:
             self.count += 1
