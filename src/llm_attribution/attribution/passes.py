@@ -90,7 +90,7 @@ class TrainPasses:
         self._chunks = chunks
         self._desc = desc
         self._statistics: dict[str, BlockStatistics] | None = None
-        self._row_squares: dict[str, torch.Tensor] = {}  # kept for held blocks only: n numbers a block
+        self._row_squares: dict[str, torch.Tensor] = {}  # held blocks only: their n squared row norms
         self._stacked: dict[tuple[Any, ...], list[tuple[slice, list[StackedChunk]]]] = {}
         self._dtype = torch.float32
         self.held = held  # the blocks themselves when they are in memory (a pass then costs no I/O)
@@ -158,8 +158,9 @@ class TrainPasses:
         return self._dtype
 
     def _compute_statistics(self) -> dict[str, BlockStatistics]:
+        if self.held is not None:
+            return self._held_statistics(self.held)
         rows = 0
-        kept: dict[str, list[torch.Tensor]] = {}
         widths: dict[str, int] = {}
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
@@ -178,17 +179,31 @@ class TrainPasses:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
                 if size:
-                    squares = row_norms_squared(block)
-                    if self.held is not None:
-                        kept.setdefault(name, []).append(squares)
-                    wide = squares.to(torch.float64)  # as block_damping
-                    sums[name] += float(wide.sum())
-                    maxima[name] = max(maxima[name], float(wide.max()))
+                    total, top = _square_sum_and_max(row_norms_squared(block))
+                    sums[name] += total
+                    maxima[name] = max(maxima[name], top)
             rows += size
         if rows <= 0:
             raise DataError("no training examples (gradient blocks have 0 rows)")
-        self._row_squares = {name: torch.cat(parts) for name, parts in kept.items()}
         return {name: BlockStatistics(rows, widths[name], sums[name], maxima[name]) for name in widths}
+
+    def _held_statistics(self, blocks: Blocks) -> dict[str, BlockStatistics]:
+        """The statistics of blocks held in memory, each read once as a whole (no pass machinery: the
+        in-memory path computes them once per group of blocks), their row norms kept."""
+        if not blocks:
+            raise DataError("no gradient blocks were given")
+        rows = next(iter(blocks.values())).shape[0]
+        if rows <= 0:
+            raise DataError("no training examples (gradient blocks have 0 rows)")
+        statistics = {}
+        for name, block in blocks.items():
+            width = block_width(name, block)
+            if block.shape[0] != rows:
+                raise DataError(f"block {name}: {block.shape[0]} training rows, other blocks have {rows}")
+            self._dtype = torch.promote_types(self._dtype, block.dtype)
+            squares = self._row_squares[name] = row_norms_squared(block)
+            statistics[name] = BlockStatistics(rows, width, *_square_sum_and_max(squares))
+        return statistics
 
     def check_test(self, test: Blocks) -> list[str]:
         """Check that ``test`` has the training blocks, of equal widths; the block names in order."""
@@ -210,6 +225,13 @@ class TrainPasses:
         for block in test.values():
             dtype = torch.promote_types(dtype, block.dtype)
         return dtype
+
+
+def _square_sum_and_max(squares: torch.Tensor) -> tuple[float, float]:
+    """The float64 sum (as block_damping) and the largest of a block's squared row norms, read at once."""
+    wide = squares.to(torch.float64)
+    total, top = torch.stack((wide.sum(), wide.max())).tolist()
+    return float(total), float(top)
 
 
 class StackedChunk:
