@@ -12,25 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "DataSettings",
-    "FinetuneConfig",
-    "GradientSettings",
-    "LoraSettings",
-    "ModelSettings",
-    "PromptSettings",
-    "TrainSettings",
-    "attribute",
-    "collect",
-    "evaluate",
-    "explain",
-    "finetune",
-]
+__all__ = ["__version__"]  # and, lazily, every name of llm_attribution.api.__all__
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import api
+    if name.startswith("__"):  # probes for module attributes must not import the whole API
+        raise AttributeError(f"module 'llm_attribution' has no attribute {name!r}")
+    from . import api
 
+    if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'llm_attribution' has no attribute {name!r}")

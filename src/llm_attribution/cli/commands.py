@@ -194,23 +194,18 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     settings = from_args(IhvpSweepSettings, args)
     points, path = diagnose_ihvp(Path(args.run), settings)
     names = list(settings.methods)
-    print(
-        f"{'damping':>8}  "
-        + "  ".join(f"{n + ' err':>14}" for n in names)
-        + "  "
-        + "  ".join(f"{n + ' rho(HF)':>16}" for n in [*names, "exact"])
-        + "  "
-        + "  ".join(f"{n + ' rho(exact)':>19}" for n in names)
+    columns = (  # (title, width, format, value of a point)
+        *((f"{n} err", 14, ".3g", lambda p, n=n: p.relative_error[n]) for n in names),
+        *(
+            (f"{n} rho(HF)", 16, ".3f", lambda p, n=n: p.rank_correlation_vs_hessian_free[n])
+            for n in [*names, "exact"]
+        ),
+        *((f"{n} rho(exact)", 19, ".3f", lambda p, n=n: p.rank_correlation_vs_exact[n]) for n in names),
     )
-    for p in points:
-        print(
-            f"{p.damping_scale:>8.3g}  "
-            + "  ".join(f"{p.relative_error[n]:>14.3g}" for n in names)
-            + "  "
-            + "  ".join(f"{p.rank_correlation_vs_hessian_free[n]:>16.3f}" for n in [*names, "exact"])
-            + "  "
-            + "  ".join(f"{p.rank_correlation_vs_exact[n]:>19.3f}" for n in names)
-        )
+    print(f"{'damping':>8}  " + "  ".join(f"{title:>{width}}" for title, width, _, _ in columns))
+    for point in points:
+        cells = "  ".join(f"{value(point):>{width}{fmt}}" for _, width, fmt, value in columns)
+        print(f"{point.damping_scale:>8.3g}  " + cells)
     print("err: median over blocks of ||approx - exact|| / ||exact||; rho: mean Spearman over test examples")
     print(f"ihvp: {path}")
     return 0
