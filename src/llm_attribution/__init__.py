@@ -9,6 +9,7 @@ cheap). ARCHITECTURE.md in the repository maps the packages.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -16,10 +17,9 @@ __all__ = ["__version__"]  # and, lazily, every name of llm_attribution.api.__al
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("__"):  # probes for module attributes must not import the whole API
+    if name.startswith("__") or name == "api":  # probes, and the submodule itself, are not API names
         raise AttributeError(f"module 'llm_attribution' has no attribute {name!r}")
-    from . import api
-
+    api = importlib.import_module(f"{__name__}.api")  # not `from . import`, which asks this hook again
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'llm_attribution' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,11 @@ class ScoringJob:
     train_labels: Sequence[Any]
     test_labels: Sequence[Any]
     checkpoint_minutes: float = 5.0
-    compared: dict[str, InnerProductMethod] = field(init=False)
 
-    def __post_init__(self) -> None:
-        # The iHVP comparison needs exact as its reference: without it there is nothing to compare with.
-        compared = inner_product_methods(self.methods, include_exact=True) if "exact" in self.methods else {}
-        object.__setattr__(self, "compared", compared)
+    @functools.cached_property
+    def compared(self) -> dict[str, InnerProductMethod]:
+        """The methods whose iHVP is compared with exact's (none without exact, the reference)."""
+        return inner_product_methods(self.methods, include_exact=True) if "exact" in self.methods else {}
 
     def key(self, name: str) -> dict[str, Any]:
         """The key ``name``'s stored scores must have to be reused."""

@@ -73,11 +73,8 @@ class ScoreStore:
             return None
         path = self.path(method)
         try:
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError("checksum mismatch")
-            scores = load(data)["scores"]
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            scores = _load_checked(path, entry["sha256"], "scores")
+        except DAMAGED as exc:
             log.warning("scores file %s is damaged or missing (%s); scoring %s again", path, exc, method)
             return None
         log.info("%s: reusing stored scores (same features and settings)", method)
@@ -138,11 +135,8 @@ class ScoreStore:
         if entry is None or entry.get("key") != key:
             return None
         try:
-            data = self._partial_path(method).read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError("checksum mismatch")
-            total = load(data)["sum"]
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            total = _load_checked(self._partial_path(method), entry["sha256"], "sum")
+        except DAMAGED as exc:
             log.warning("partial scores of %s are damaged or missing (%s); starting it over", method, exc)
             return None
         log.info("%s: resuming after block %d", method, entry["blocks_done"])
@@ -166,11 +160,8 @@ class ScoreStore:
         path = self.path(method)
         entry = self._manifest()["methods"].get(method)
         try:
-            data = path.read_bytes()
-            if entry is not None and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError("checksum mismatch")
-            return load(data)["scores"]
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            return _load_checked(path, None if entry is None else entry["sha256"], "scores")
+        except DAMAGED as exc:
             message = (
                 f"scores file {path} is damaged or missing ({exc}); run the same command again to recompute"
             )
@@ -185,6 +176,19 @@ class ScoreStore:
         manifest = self._manifest()
         manifest["ihvp"] = {"key": key, "values": values}
         write_json_atomic(self.manifest_path, manifest)
+
+
+DAMAGED = (OSError, ValueError, KeyError, SafetensorError)
+"""What reading a missing, damaged or tampered file raises (:func:`_load_checked`)."""
+
+
+def _load_checked(path: Path, sha256: str | None, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file whose bytes must have checksum ``sha256`` (unchecked when
+    None); raises one of :data:`DAMAGED` otherwise."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError("checksum mismatch")
+    return load(data)[name]
 
 
 def score_metadata(
