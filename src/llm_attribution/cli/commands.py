@@ -33,7 +33,8 @@ from ..workflows.diagnose import (
 )
 from ..workflows.explain import ExplainSettings, explain, format_explanation
 from ..workflows.judge import EvaluateSettings
-from ..workflows.layout import RESULTS_FILE, STUDY_FILE
+from ..workflows.layout import LDS_FILE, RESULTS_FILE, STUDY_FILE, lds_dir
+from ..workflows.lds import LdsSettings, lds_lines, run_lds
 from ..workflows.report.build import ReportSettings, build_report, write_report
 from ..workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, run_with_adapter, select_epoch
 from ..workflows.study import StudySettings, run_study
@@ -168,6 +169,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(explanation.to_dict(), indent=2))
     else:
         print(format_explanation(explanation))
+    return 0
+
+
+def cmd_lds(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    record = run_lds(
+        run,
+        from_args(LdsSettings, args),
+        from_args(AttributeSettings, args),
+        from_args(GradientSettings, args),
+    )
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print("\n".join(lds_lines(record)))
+    print(f"lds: {lds_dir(run) / LDS_FILE}")
     return 0
 
 

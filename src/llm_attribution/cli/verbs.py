@@ -22,6 +22,7 @@ from ..workflows.attribute import AttributeSettings
 from ..workflows.diagnose import IhvpSweepSettings, ParametersSettings, SpectrumSettings
 from ..workflows.explain import ExplainSettings
 from ..workflows.judge import EvaluateSettings
+from ..workflows.lds import LdsSettings
 from ..workflows.report.build import ReportSettings
 from ..workflows.study import StudySettings
 from . import commands
@@ -154,6 +155,22 @@ VERBS: tuple[Verb, ...] = (
         "examples with their scores, labels and text. " + SCORE_CONVENTION,
         (_run_folder(), JSON),
         (Options(ExplainSettings, "explain"),),
+    ),
+    Verb(
+        "lds",
+        commands.cmd_lds,
+        "ground truth: does each method predict retraining on random half-subsets? (LDS, resumable)",
+        "Linear datamodeling score: retrain the run on --subsets random subsets of exactly "
+        "round(fraction x n) training examples (and again with a second seed, for the noise ceiling), "
+        "measure every test example's loss, and correlate (Spearman, per test example) each method's "
+        "summed scores over a subset with minus the loss. Controls: constant, random and label-oracle "
+        "scores. A killed lds continues with the next unfinished subset. " + SCORE_CONVENTION,
+        (_run_folder("a run folder made by `llm-attr run` or `finetune`"), JSON),
+        (
+            Options(LdsSettings, "lds"),
+            Options(AttributeSettings, "attribution", ("epoch",)),
+            Options(GradientSettings, "gradients"),
+        ),
     ),
     Verb(
         "diagnose spectrum",

@@ -103,6 +103,7 @@ def finetune(
     prompt: PromptSettings,
     settings: TrainSettings,
     checkpoints: Checkpoints,
+    across_ranks: bool = True,
 ) -> LossCurve:
     """Train the LoRA weights of ``model`` on ``train``; save an adapter after each epoch.
 
@@ -110,8 +111,10 @@ def finetune(
     optimizer, schedule, shuffling and dropout random states) is saved to ``checkpoints.state`` after every
     epoch and, mid-epoch, at most every ``settings.checkpoint_minutes``; a run killed at any point resumes
     from its last saved step (:func:`resume_state`) and ends with the adapters an uninterrupted run saves.
-    Under ``torchrun`` each rank trains on a slice of every batch (:mod:`.data_parallel`) and rank 0 saves.
+    Under ``torchrun`` each rank trains on a slice of every batch (:mod:`.data_parallel`) and rank 0 saves;
+    ``across_ranks=False`` trains in this process alone (each rank its own model, as LDS retraining does).
     """
+    shared = across_ranks and distributed.active()
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     device = next(model.parameters()).device
@@ -141,7 +144,7 @@ def finetune(
     model.train()
     every = settings.checkpoint_minutes * 60.0
     last_save = time.monotonic()
-    parallel = DataParallelSteps(model, params, pad_id) if distributed.active() else None
+    parallel = DataParallelSteps(model, params, pad_id) if shared else None
 
     def backward(rows: list[int]) -> torch.Tensor:
         """The batch's mean token loss, its gradient left in the LoRA parameters' ``.grad``."""
@@ -194,10 +197,10 @@ def finetune(
                 bar.update(1, epoch=epoch, loss=f"{losses[-1]:.3f}")
                 pause_point("finetune-step")
                 due = step + 1 < len(batches) and time.monotonic() - last_save >= every
-                if distributed.active():  # clocks differ between ranks: rank 0 decides for all
+                if shared:  # clocks differ between ranks: rank 0 decides for all
                     due = bool(distributed.broadcast_object(due))
                 if due:
-                    if distributed.is_main():
+                    if distributed.is_main() or not shared:
                         elapsed = time.perf_counter() - start
                         mid = _state(
                             model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
@@ -210,8 +213,8 @@ def finetune(
             curve.steps.extend(losses)
             curve.epochs.append(sum(losses) / len(losses))
             curve.seconds_per_epoch.append(time.perf_counter() - start)
-            with distributed.agree():
-                if distributed.is_main():
+            with distributed.agree() if shared else contextlib.nullcontext():
+                if distributed.is_main() or not shared:
                     with atomic_dir(checkpoints.adapter(epoch)) as tmp:
                         model.save_pretrained(str(tmp))
                     # Written after the epoch's adapter: a state file always refers to adapters that exist.

@@ -12,6 +12,11 @@ RUN/
   scores/              the score store (llm_attribution.scoring.store): one matrix per method
   results.json         per method: accuracy, coverage, seconds, settings, iHVP comparison
   diagnostics/         spectrum.json, ihvp.json, convergence.json, parameters.json
+  lds/                 ground truth by retraining on random half-subsets (llm-attr lds):
+    settings.json        the subset fraction and seeds every subset file was made with
+    seed-<s>/subset-<i>.safetensors   each test example's losses after retraining on subset i with seed s
+    work/                the training state of retrains under way (removed when each is done)
+    lds.json             per method and control: LDS with its interval; the noise ceiling
   report.html, report.md
 STUDY/
   study.json           the judged grid
@@ -37,6 +42,8 @@ DIAGNOSTICS_DIR = "diagnostics"
 STUDY_FILE = "study.json"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
+LDS_DIR = "lds"
+LDS_FILE = "lds.json"
 
 
 def adapter_dir(run: Path, epoch: int) -> Path:
@@ -54,6 +61,20 @@ def scores_dir(run: Path) -> Path:
 def diagnostic_file(run: Path, name: str) -> Path:
     """``RUN/diagnostics/<name>.json`` (name: spectrum, ihvp, convergence or parameters)."""
     return run / DIAGNOSTICS_DIR / f"{name}.json"
+
+
+def lds_dir(run: Path) -> Path:
+    return run / LDS_DIR
+
+
+def lds_subset_file(run: Path, seed: int, index: int) -> Path:
+    """The test losses of the model retrained with ``seed`` on LDS subset ``index``."""
+    return run / LDS_DIR / f"seed-{seed}" / f"subset-{index:04d}.safetensors"
+
+
+def lds_work_dir(run: Path, seed: int, index: int) -> Path:
+    """Where a retrain under way keeps its training state (resumable mid-way; removed when done)."""
+    return run / LDS_DIR / "work" / f"seed-{seed}-subset-{index:04d}"
 
 
 def study_cell(study: Path, task: str, seed: int) -> Path:

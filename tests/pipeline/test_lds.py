@@ -1,0 +1,136 @@
+"""`llm-attr lds` on a tiny run: the retrained losses carry the subsets' effect, a killed lds resumes to
+identical numbers, and worker processes give the numbers one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm_attribution.evaluation.lds import difference_in_means, lds_per_test, subset_masks
+from llm_attribution.workflows.layout import LDS_FILE, lds_dir, lds_subset_file
+from llm_attribution.workflows.retraining import read_result
+from tests.helpers import run_cli, tiny_run_args
+
+SUBSETS = 12
+METHODS = "hessian-free,exact"
+LDS_ARGS = ["--subsets", str(SUBSETS), "--methods", METHODS, "--quiet"]
+
+
+def _numbers(record: dict) -> dict:
+    """Everything of lds.json that is a result (timings and versions left out)."""
+    return {"losses": record["losses"], "subset_size": record["subset_size"], "seeds": record["seeds"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    run = tmp_path_factory.mktemp("lds") / "run"
+    argv = ["run", *tiny_run_args("backdoor", train=16, test=6), "--learning-rate", "3e-3"]
+    code = subprocess.run(
+        [sys.executable, "-m", "llm_attribution.cli.main", *argv, "--methods", METHODS, "--out", str(run)],
+        capture_output=True,
+        text=True,
+    )
+    assert code.returncode == 0, code.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
+    run = tmp_path_factory.mktemp("lds-one") / "run"
+    shutil.copytree(tiny_run, run)
+    code = subprocess.run(
+        [sys.executable, "-m", "llm_attribution.cli.main", "lds", "--run", str(run), *LDS_ARGS, "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert code.returncode == 0, code.stderr
+    return run, json.loads(code.stdout)
+
+
+def test_lds_table_has_every_method_control_and_the_ceiling(measured: tuple[Path, dict]) -> None:
+    run, record = measured
+    assert record == json.loads((lds_dir(run) / LDS_FILE).read_text()) | {"cost": record["cost"]}
+    table = record["losses"]["attributed"]
+    assert set(table["methods"]) == {"hessian-free", "exact", "constant", "random", "label-oracle"}
+    assert table["methods"]["constant"]["mean"] == 0.0  # equal-size subsets: a constant predicts nothing
+    assert len(table["noise_ceiling"]["per_test"]) == 6
+    assert record["subset_size"] == 8 and record["seeds"] == [0, 1]
+    assert not (lds_dir(run) / "work").exists()  # training states are removed when retrains are done
+
+
+def test_the_measured_effect_predicts_the_losses_and_random_scores_do_not(
+    measured: tuple[Path, dict],
+) -> None:
+    """The losses follow the subsets: the effect measured on these subsets (mean loss without an example
+    minus with it) ranks them far better than random scores, which are near 0."""
+    run, record = measured
+    masks = subset_masks(16, 0.5, 0, range(SUBSETS))
+    losses = torch.stack([read_result(lds_subset_file(run, 0, i)).attributed for i in range(SUBSETS)])
+    oracle = lds_per_test(difference_in_means(masks, losses), masks, losses).mean()
+    random = record["losses"]["attributed"]["methods"]["random"]["mean"]
+    assert oracle > 0.75
+    assert abs(random) < 0.35  # 6 tests x 12 subsets: sd of the mean about 0.09
+    assert oracle > max(
+        record["losses"]["attributed"]["methods"][m]["mean"] for m in ("hessian-free", "exact")
+    )
+    # Shuffling which losses belong to which subset destroys it: the pairing is what carries the signal.
+    shuffled = losses[torch.randperm(SUBSETS, generator=torch.Generator().manual_seed(0))]
+    assert lds_per_test(difference_in_means(masks, losses), masks, shuffled).mean() < oracle - 0.4
+
+
+def test_killed_lds_resumes_to_identical_numbers(
+    tiny_run: Path, measured: tuple[Path, dict], tmp_path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    env = os.environ | {"LLM_ATTR_PAUSE_AT": "retrain-result:4"}
+    argv = [sys.executable, "-m", "llm_attribution.cli.main", "lds", "--run", str(run), *LDS_ARGS, "--json"]
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "paused at retrain-result:4" in line:
+            break
+    process.kill()
+    process.wait()
+    done = sorted((lds_dir(run)).glob("seed-*/subset-*.safetensors"))
+    assert len(done) == 3  # three retrains finished, the fourth killed before its file
+    stamps = {path: path.stat().st_mtime_ns for path in done}
+    time.sleep(0.01)
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert {path: path.stat().st_mtime_ns for path in done} == stamps  # resumed, not redone
+    assert _numbers(json.loads(again.stdout)) == _numbers(measured[1])
+
+
+def test_two_workers_give_the_numbers_of_one(
+    tiny_run: Path, measured: tuple[Path, dict], tmp_path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, out, err = run_cli(["lds", "--run", str(run), *LDS_ARGS, "--workers", "2", "--json"], capsys)
+    assert code == 0, err
+    two, one = json.loads(out), measured[1]
+    for kind in ("attributed", "response"):
+        for name, entry in one["losses"][kind]["methods"].items():
+            assert np.allclose(
+                two["losses"][kind]["methods"][name]["per_test"], entry["per_test"], equal_nan=True
+            )
+    losses = [read_result(lds_subset_file(run, 0, i)).attributed for i in range(SUBSETS)]
+    reference = [read_result(lds_subset_file(measured[0], 0, i)).attributed for i in range(SUBSETS)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(losses, reference, strict=True))
+
+
+def test_other_subset_settings_in_the_same_folder_are_refused(measured: tuple[Path, dict], capsys) -> None:
+    run, _ = measured
+    code, _, err = run_cli(["lds", "--run", str(run), *LDS_ARGS, "--fraction", "0.25"], capsys)
+    assert code == 2
+    assert "holds subsets of fraction 0.5" in err
