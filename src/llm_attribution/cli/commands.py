@@ -22,6 +22,7 @@ from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings, attribute_run
+from ..workflows.counterfactual import CounterfactualSettings, counterfactual_lines, run_counterfactual
 from ..workflows.diagnose import (
     IhvpSweepSettings,
     ParametersSettings,
@@ -33,7 +34,14 @@ from ..workflows.diagnose import (
 )
 from ..workflows.explain import ExplainSettings, explain, format_explanation
 from ..workflows.judge import EvaluateSettings
-from ..workflows.layout import LDS_FILE, RESULTS_FILE, STUDY_FILE, lds_dir
+from ..workflows.layout import (
+    COUNTERFACTUAL_FILE,
+    LDS_FILE,
+    RESULTS_FILE,
+    STUDY_FILE,
+    counterfactual_dir,
+    lds_dir,
+)
 from ..workflows.lds import LdsSettings, lds_lines, run_lds
 from ..workflows.report.build import ReportSettings, build_report, write_report
 from ..workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, run_with_adapter, select_epoch
@@ -185,6 +193,22 @@ def cmd_lds(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(lds_lines(record)))
     print(f"lds: {lds_dir(run) / LDS_FILE}")
+    return 0
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    record = run_counterfactual(
+        run,
+        from_args(CounterfactualSettings, args),
+        from_args(AttributeSettings, args),
+        from_args(GradientSettings, args),
+    )
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print("\n".join(counterfactual_lines(record)))
+    print(f"counterfactual: {counterfactual_dir(run) / COUNTERFACTUAL_FILE}")
     return 0
 
 

@@ -19,6 +19,7 @@ from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings
+from ..workflows.counterfactual import CounterfactualSettings
 from ..workflows.diagnose import IhvpSweepSettings, ParametersSettings, SpectrumSettings
 from ..workflows.explain import ExplainSettings
 from ..workflows.judge import EvaluateSettings
@@ -168,6 +169,22 @@ VERBS: tuple[Verb, ...] = (
         (_run_folder("a run folder made by `llm-attr run` or `finetune`"), JSON),
         (
             Options(LdsSettings, "lds"),
+            Options(AttributeSettings, "attribution", ("epoch",)),
+            Options(GradientSettings, "gradients"),
+        ),
+    ),
+    Verb(
+        "counterfactual",
+        commands.cmd_counterfactual,
+        "ground truth: remove each method's top-k training examples, retrain, does the behaviour change?",
+        "Per test group (one test label): remove the k training examples each method ranks most supportive "
+        "of the group, retrain with the run's settings and seed, and measure the group's response-loss "
+        "change and behaviour rate (greedy answers judged by the training response they resemble). "
+        "Baselines: k random training examples, and k random examples of the group's own class. "
+        "Resumable. " + SCORE_CONVENTION,
+        (_run_folder("a run folder made by `llm-attr run` or `finetune`"), JSON),
+        (
+            Options(CounterfactualSettings, "counterfactual"),
             Options(AttributeSettings, "attribution", ("epoch",)),
             Options(GradientSettings, "gradients"),
         ),

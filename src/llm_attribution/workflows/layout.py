@@ -17,6 +17,9 @@ RUN/
     seed-<s>/subset-<i>.safetensors   each test example's losses after retraining on subset i with seed s
     work/                the training state of retrains under way (removed when each is done)
     lds.json             per method and control: LDS with its interval; the noise ceiling
+  counterfactual/      remove each method's top-k, retrain (llm-attr counterfactual):
+    group-<g>/<source>-k<k>.safetensors   the test losses and answers after that removal
+    counterfactual.json  per group, source and k: loss change and behaviour rate
   report.html, report.md
 STUDY/
   study.json           the judged grid
@@ -44,6 +47,8 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 LDS_DIR = "lds"
 LDS_FILE = "lds.json"
+COUNTERFACTUAL_DIR = "counterfactual"
+COUNTERFACTUAL_FILE = "counterfactual.json"
 
 
 def adapter_dir(run: Path, epoch: int) -> Path:
@@ -75,6 +80,19 @@ def lds_subset_file(run: Path, seed: int, index: int) -> Path:
 def lds_work_dir(run: Path, seed: int, index: int) -> Path:
     """Where a retrain under way keeps its training state (resumable mid-way; removed when done)."""
     return run / LDS_DIR / "work" / f"seed-{seed}-subset-{index:04d}"
+
+
+def counterfactual_dir(run: Path) -> Path:
+    return run / COUNTERFACTUAL_DIR
+
+
+def counterfactual_file(run: Path, group: int, source: str, k: int) -> Path:
+    """The test losses (and answers) of the model retrained without ``source``'s top ``k`` for ``group``."""
+    return run / COUNTERFACTUAL_DIR / f"group-{group}" / f"{source}-k{k}.safetensors"
+
+
+def counterfactual_work_dir(run: Path, group: int, source: str, k: int) -> Path:
+    return run / COUNTERFACTUAL_DIR / "work" / f"group-{group}-{source}-k{k}"
 
 
 def study_cell(study: Path, task: str, seed: int) -> Path:

@@ -55,6 +55,7 @@ class RetrainJob:
     out: Path  # the result file (written once, atomically, when the job is done)
     work: Path  # the training state while the job runs
     answer_rows: tuple[int, ...] = ()  # test examples whose greedy answers are generated after training
+    answer_tokens: int = 16  # new tokens per answer (the behaviour judge reads the opening words)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ class _Context:
         answers: dict[int, str] = {}
         if job.answer_rows:
             prompts = [self.task.test[i].prompt for i in job.answer_rows]
-            generated = generate_answers(retrainer.model, self.loaded.tokenizer, prompts, self.config.prompt)
+            generated = generate_answers(
+                retrainer.model, self.loaded.tokenizer, prompts, self.config.prompt, job.answer_tokens
+            )
             answers = dict(zip(job.answer_rows, generated, strict=True))
         seconds = time.perf_counter() - start
         tensors = {
