@@ -261,3 +261,20 @@ def test_spread_rows() -> None:
     assert spread_rows(4, 8) == [0, 1, 2, 3]
     assert spread_rows(7, 1) == [0]
     assert spread_rows(0, 3) == []
+
+
+def test_cg_on_the_model_hessian_equals_the_dense_damped_solve(setup, dense_hessian) -> None:  # type: ignore[no-untyped-def]
+    """The whole reference on the model: CG over Hessian products, damped past its most negative
+    eigenvalue, against ``torch.linalg.solve`` of the dense damped Hessian."""
+    model, tokenizer, examples = setup
+    operator = ModelCurvature(model, tokenizer, examples, PROMPT, "hessian", batch_size=4)
+    symmetric = (dense_hessian + dense_hessian.T) / 2
+    eigenvalues = torch.linalg.eigvalsh(symmetric)
+    damping = float(-eigenvalues.min() + 0.2 * eigenvalues.max())
+    b = torch.randn(2, 192, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    result = conjugate_gradients(operator, b, damping, max_iterations=60, tolerance=1e-6)
+    expected = torch.linalg.solve(symmetric + damping * torch.eye(192, dtype=torch.float64), b.T).T
+    assert result.converged == [True, True] and not any(result.negative_curvature)
+    assert _rel(result.solution, expected) < 1e-4
+    small = conjugate_gradients(operator, b, 1e-3, max_iterations=60, tolerance=1e-6)
+    assert any(small.negative_curvature)  # indefinite at a small damping: said, not hidden

@@ -22,6 +22,7 @@ from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings, attribute_run
+from ..workflows.curvature import CurvatureSettings, curvature_run
 from ..workflows.diagnose import (
     IhvpSweepSettings,
     ParametersSettings,
@@ -239,6 +240,24 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
             f"{row.epoch:>5}  {row.update_norm_total:>20.4f}  {row.test_loss:>9.4f}  {trig:>12}  {ctrl:>13}"
         )
     print(f"parameters: {path}")
+    return 0
+
+
+def cmd_curvature(args: argparse.Namespace) -> int:
+    result = curvature_run(Path(args.run), from_args(CurvatureSettings, args))
+    if args.json:
+        print(json.dumps(result.record, indent=2))
+        return 0
+    print(f"{len(result.record['test_rows'])} test examples, {result.record['parameters']} LoRA parameters")
+    print(f"{'kind':<13} {'lambda':>10} {'max residual':>12} {'max iters':>9} {'negative':>8} {'seconds':>8}")
+    for kind, row in result.record["kinds"].items():
+        print(
+            f"{kind:<13} {row['damping']['lambda']:>10.3g} {max(row['relative_residual']):>12.2e} "
+            f"{max(row['iterations']):>9} {sum(row['negative_curvature']):>8} {row['seconds']:>8.1f}"
+        )
+    print("residual: ||(C + lambda I) x - g_test|| / ||g_test||; negative: tests whose CG met p^T A p <= 0")
+    print(SCORE_CONVENTION)
+    print(f"curvature: {result.path}")
     return 0
 
 

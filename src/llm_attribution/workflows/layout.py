@@ -12,6 +12,7 @@ RUN/
   scores/              the score store (llm_attribution.scoring.store): one matrix per method
   results.json         per method: accuracy, coverage, seconds, settings, iHVP comparison
   diagnostics/         spectrum.json, ihvp.json, convergence.json, parameters.json
+  curvature/           <kind>.safetensors (scores, test_rows) per curvature, and curvature.json
   report.html, report.md
 STUDY/
   study.json           the judged grid
@@ -34,6 +35,8 @@ FEATURES_DIR = "features"
 SCORES_DIR = "scores"
 RESULTS_FILE = "results.json"
 DIAGNOSTICS_DIR = "diagnostics"
+CURVATURE_DIR = "curvature"
+CURVATURE_FILE = "curvature.json"
 STUDY_FILE = "study.json"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -54,6 +57,16 @@ def scores_dir(run: Path) -> Path:
 def diagnostic_file(run: Path, name: str) -> Path:
     """``RUN/diagnostics/<name>.json`` (name: spectrum, ihvp, convergence or parameters)."""
     return run / DIAGNOSTICS_DIR / f"{name}.json"
+
+
+def curvature_file(run: Path) -> Path:
+    """``RUN/curvature/curvature.json``: settings, damping, residuals and timings of the curvature solves."""
+    return run / CURVATURE_DIR / CURVATURE_FILE
+
+
+def curvature_scores_file(run: Path, kind: str) -> Path:
+    """``RUN/curvature/<kind>.safetensors`` (kind: hessian, gauss-newton or fisher)."""
+    return run / CURVATURE_DIR / f"{kind}.safetensors"
 
 
 def study_cell(study: Path, task: str, seed: int) -> Path:
