@@ -197,6 +197,7 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     names = list(settings.methods)
     columns = (  # (title, width, format, value of a point)
         *((f"{n} err", 14, ".3g", lambda p, n=n: p.relative_error[n]) for n in names),
+        *((f"{n} err(span)", 20, ".3g", lambda p, n=n: p.relative_error_in_span[n]) for n in names),
         *(
             (f"{n} rho(HF)", 16, ".3f", lambda p, n=n: p.rank_correlation_vs_hessian_free[n])
             for n in [*names, "exact"]
@@ -207,7 +208,10 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     for point in points:
         cells = "  ".join(f"{value(point):>{width}{fmt}}" for _, width, fmt, value in columns)
         print(f"{point.damping_scale:>8.3g}  " + cells)
-    print("err: median over blocks of ||approx - exact|| / ||exact||; rho: mean Spearman over test examples")
+    print("err: median over blocks of ||approx - exact|| / ||exact||; err(span): the same inside the span of")
+    print(
+        "the block's training gradients (the part that moves scores); rho: mean Spearman over test examples"
+    )
     print(f"ihvp: {path}")
     return 0
 
