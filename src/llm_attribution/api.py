@@ -20,6 +20,7 @@ from .features.gradients import Features, GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
 from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_run
+from .workflows.curvature import CurvatureResult, CurvatureSettings, curvature_run
 from .workflows.diagnose import run_features
 from .workflows.explain import ExplainSettings, Explanation
 from .workflows.explain import explain as explain_run
@@ -27,6 +28,7 @@ from .workflows.judge import judge_scores
 from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
 
 __all__ = [
+    "CurvatureSettings",
     "DataSettings",
     "FinetuneConfig",
     "GradientSettings",
@@ -36,6 +38,7 @@ __all__ = [
     "TrainSettings",
     "attribute",
     "collect",
+    "curvature",
     "evaluate",
     "explain",
     "finetune",
@@ -88,3 +91,9 @@ def explain(
     own greedy answer when ``response`` is None); HIGHER score = supports it more."""
     settings = ExplainSettings(prompt=prompt, response=response, methods=tuple(methods), top=top, epoch=epoch)
     return explain_run(Path(run), settings)
+
+
+def curvature(run: str | Path, settings: CurvatureSettings | None = None) -> CurvatureResult:
+    """Reference scores from the true Hessian, Gauss-Newton and full Fisher of a finished run's training
+    loss for a few test examples (``RUN/curvature/``); HIGHER = the training example supports more."""
+    return curvature_run(Path(run), settings or CurvatureSettings())

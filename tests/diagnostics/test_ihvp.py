@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pytest
 import torch
 
 from llm_attribution.attribution import get_method
+from llm_attribution.attribution.base import GradientBlocks, InnerProductMethod
+from llm_attribution.attribution.passes import TrainPasses
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.diagnostics.ihvp import (
     compare_ihvp,
+    compare_transformed,
     damping_sweep,
     inner_product_methods,
     mean_spearman,
@@ -141,3 +145,71 @@ def test_cli_ihvp_sweep_on_a_tiny_run(tmp_path, capsys) -> None:
     for bad in ("0.1,-1", "abc"):
         code, _, err = run_cli(["diagnose", "ihvp", "--run", str(run), "--damping-scales", bad], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "--damping-scales" in err
+
+
+class _ExactPlusOrthogonal(InnerProductMethod):
+    """``exact``'s transform plus a component orthogonal to the span of each block's training gradients:
+    the same scores, a different vector."""
+
+    name = "exact-plus-orthogonal"
+
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        exact = typing.cast(InnerProductMethod, get_method("exact")).transform_test(train, test)
+        out = {}
+        for name, t in exact.items():
+            assert train.held is not None  # compare_ihvp holds each block's rows
+            g = train.held[name].double()
+            _, singular, vh = torch.linalg.svd(g, full_matrices=False)
+            basis = vh[singular > 1e-10 * singular[0]].T  # [d, rank]: the span of the rows
+            noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype)
+            out[name] = t + 3.0 * (noise - (noise @ basis) @ basis.T)
+        return out
+
+
+def _low_rank_blocks(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    train = {
+        "wide": torch.randn(10, 16, generator=g, dtype=torch.float64),  # n < d: the n x n Gram route
+        "tall": torch.randn(10, 2, generator=g, dtype=torch.float64)  # n > d, rank 2: the d x d route
+        @ torch.randn(2, 6, generator=g, dtype=torch.float64),
+    }
+    test = {"wide": torch.randn(5, 16, generator=g, dtype=torch.float64)}
+    test["tall"] = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    return train, test
+
+
+def test_in_span_error_ignores_what_no_score_sees() -> None:
+    train, test = _low_rank_blocks(11)
+    method = _ExactPlusOrthogonal()
+    compared = compare_ihvp(train, test, {"shifted": method, "exact": get_method("exact")})
+    for block in ("wide", "tall"):
+        row = compared["shifted"][block]
+        assert row["relative_error"] > 0.1  # the full-space error sees the orthogonal component
+        assert row["cosine_vs_exact"] < 0.99
+        assert row["relative_error_in_span"] < 1e-10  # inside the span the vectors agree
+        assert row["cosine_vs_exact_in_span"] == pytest.approx(1.0, abs=1e-10)
+        assert compared["exact"][block]["relative_error_in_span"] == 0.0
+    # and the scores agree: the orthogonal part is invisible to every training gradient
+    shifted = method.score(train, test)
+    assert torch.allclose(shifted, get_method("exact").score(train, test), rtol=1e-8, atol=1e-10)
+
+
+def test_in_span_error_sees_a_difference_inside_the_span() -> None:
+    train, test = _low_rank_blocks(12)
+    exact = typing.cast(InnerProductMethod, get_method("exact"))
+    transformed = {"exact": exact.transform_test(TrainPasses.from_blocks(train, 64), test)}
+    transformed["scaled"] = {name: 1.5 * t for name, t in transformed["exact"].items()}
+    held = TrainPasses.from_blocks(train, 64)
+    compared = compare_transformed(transformed, test, "exact", train=held)
+    for block in ("wide", "tall"):
+        assert compared["scaled"][block]["relative_error_in_span"] == pytest.approx(0.5, rel=1e-9)
+        assert compared["scaled"][block]["cosine_vs_exact_in_span"] == pytest.approx(1.0, abs=1e-12)
+    # streamed passes (no rows held: the d x d Gram of one pass) give the same numbers
+    chunks = [{k: v[:3] for k, v in train.items()}, {k: v[3:] for k, v in train.items()}]
+    streamed = compare_transformed(
+        transformed, test, "exact", train=TrainPasses(lambda: iter(chunks), 2, None)
+    )
+    for block in ("wide", "tall"):
+        for key in ("relative_error_in_span", "cosine_vs_exact_in_span"):
+            assert streamed["scaled"][block][key] == pytest.approx(compared["scaled"][block][key], rel=1e-9)
+    assert "relative_error_in_span" not in compare_transformed(transformed, test, "exact")["scaled"]["wide"]

@@ -281,3 +281,7 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
         for key in ("median", "max"):
             expected_error = in_memory[name]["ihvp_relative_error_vs_exact"][key]
             assert rows[name]["ihvp_relative_error_vs_exact"][key] == pytest.approx(expected_error, rel=1e-3)
+            in_span = in_memory[name]["ihvp_relative_error_vs_exact_in_span"][
+                key
+            ]  # Gram of rows vs of a pass
+            assert rows[name]["ihvp_relative_error_vs_exact_in_span"][key] == pytest.approx(in_span, rel=1e-3)

@@ -23,6 +23,7 @@ from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings, attribute_run
 from ..workflows.counterfactual import CounterfactualSettings, counterfactual_lines, run_counterfactual
+from ..workflows.curvature import CurvatureSettings, curvature_run
 from ..workflows.diagnose import (
     IhvpSweepSettings,
     ParametersSettings,
@@ -237,6 +238,7 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     names = list(settings.methods)
     columns = (  # (title, width, format, value of a point)
         *((f"{n} err", 14, ".3g", lambda p, n=n: p.relative_error[n]) for n in names),
+        *((f"{n} err(span)", 20, ".3g", lambda p, n=n: p.relative_error_in_span[n]) for n in names),
         *(
             (f"{n} rho(HF)", 16, ".3f", lambda p, n=n: p.rank_correlation_vs_hessian_free[n])
             for n in [*names, "exact"]
@@ -247,7 +249,10 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     for point in points:
         cells = "  ".join(f"{value(point):>{width}{fmt}}" for _, width, fmt, value in columns)
         print(f"{point.damping_scale:>8.3g}  " + cells)
-    print("err: median over blocks of ||approx - exact|| / ||exact||; rho: mean Spearman over test examples")
+    print("err: median over blocks of ||approx - exact|| / ||exact||; err(span): the same inside the span of")
+    print(
+        "the block's training gradients (the part that moves scores); rho: mean Spearman over test examples"
+    )
     print(f"ihvp: {path}")
     return 0
 
@@ -280,6 +285,24 @@ def cmd_diagnose_parameters(args: argparse.Namespace) -> int:
             f"{row.epoch:>5}  {row.update_norm_total:>20.4f}  {row.test_loss:>9.4f}  {trig:>12}  {ctrl:>13}"
         )
     print(f"parameters: {path}")
+    return 0
+
+
+def cmd_curvature(args: argparse.Namespace) -> int:
+    result = curvature_run(Path(args.run), from_args(CurvatureSettings, args))
+    if args.json:
+        print(json.dumps(result.record, indent=2))
+        return 0
+    print(f"{len(result.record['test_rows'])} test examples, {result.record['parameters']} LoRA parameters")
+    print(f"{'kind':<13} {'lambda':>10} {'max residual':>12} {'max iters':>9} {'negative':>8} {'seconds':>8}")
+    for kind, row in result.record["kinds"].items():
+        print(
+            f"{kind:<13} {row['damping']['lambda']:>10.3g} {max(row['relative_residual']):>12.2e} "
+            f"{max(row['iterations']):>9} {sum(row['negative_curvature']):>8} {row['seconds']:>8.1f}"
+        )
+    print("residual: ||(C + lambda I) x - g_test|| / ||g_test||; negative: tests whose CG met p^T A p <= 0")
+    print(SCORE_CONVENTION)
+    print(f"curvature: {result.path}")
     return 0
 
 

@@ -20,6 +20,7 @@ from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
 from ..workflows.attribute import AttributeSettings
 from ..workflows.counterfactual import CounterfactualSettings
+from ..workflows.curvature import CurvatureSettings
 from ..workflows.diagnose import IhvpSweepSettings, ParametersSettings, SpectrumSettings
 from ..workflows.explain import ExplainSettings
 from ..workflows.judge import EvaluateSettings
@@ -228,6 +229,18 @@ VERBS: tuple[Verb, ...] = (
         "control: the rate at which clean prompts do).",
         (_run_folder("a run folder with several epoch adapters"),),
         (Options(ParametersSettings, "parameters"),),
+    ),
+    Verb(
+        "curvature",
+        commands.cmd_curvature,
+        "reference scores from the true Hessian, Gauss-Newton and full Fisher, by conjugate gradients",
+        "For a few test examples spread over the test set: solve (C + lambda I) x = g_test over all LoRA "
+        "parameters jointly for C the training loss's Hessian, its Gauss-Newton matrix and the full "
+        "empirical Fisher, and score every training example by x . g_train. Writes "
+        "RUN/curvature/<kind>.safetensors and RUN/curvature/curvature.json (damping, residuals, "
+        "iterations, negative curvature). " + SCORE_CONVENTION,
+        (_run_folder(), JSON),
+        (Options(CurvatureSettings, "curvature"),),
     ),
     Verb(
         "report",

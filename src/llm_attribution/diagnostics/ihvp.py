@@ -4,13 +4,18 @@ For every LoRA block, DataInf and LiSSA map a test gradient ``v`` to an approxim
 ``(F + lambda I)^-1 v``; ``exact`` computes it exactly (same damping). The relative error
 ``||T(v) - T_exact(v)|| / ||T_exact(v)||`` over a set of test gradients says whether an approximation is
 close enough for its scores to mean what they claim (the study's section 4.1).
+
+A transformed vector is only ever dotted with the block's training gradients, so its component outside
+their span changes no score. Beside the full-space numbers, ``relative_error_in_span`` and
+``cosine_vs_exact_in_span`` compare the two vectors' projections onto that span (:class:`TrainingSpan`):
+the part of an iHVP error that can move a score.
 """
 
 from __future__ import annotations
 
 import statistics
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +36,9 @@ def compare_ihvp(
     reference: InnerProductMethod | None = None,
     max_test: int = 20,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{method: {block: {"relative_error", "cosine_vs_exact", "cosine_vs_gradient"}}}``.
+    """``{method: {block: {"relative_error", "cosine_vs_exact", "cosine_vs_gradient",
+    "relative_error_in_span", "cosine_vs_exact_in_span"}}}`` (the last two inside the span of the
+    block's training gradients).
 
     Each method transforms each block's test gradients once. Uses the first ``max_test`` test rows (the
     error is a property of the block's Fisher, not of the particular tests); blocks with all-zero
@@ -53,7 +60,8 @@ def compare_ihvp(
             transformed[name][block] = (
                 exact if method is reference else _transform_block(method, block, g_train, v)
             )
-    return compare_transformed(transformed, test, REFERENCE, max_test)
+    held = TrainPasses.from_blocks({name: train[name] for name in transformed[REFERENCE]}, 1 << 30)
+    return compare_transformed(transformed, test, REFERENCE, max_test, held)
 
 
 def _transform_block(
@@ -69,15 +77,20 @@ def compare_transformed(
     test: GradientBlocks,
     reference: str,
     max_test: int = 20,
+    train: TrainPasses | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """:func:`compare_ihvp` from test gradients already transformed by each method (``{method: {block:
     [m, d]}}``, e.g. by streamed scoring), against ``transformed[reference]``, on the first ``max_test``
-    rows. Every method is compared, the reference too (error 0), except the internal ``REFERENCE`` key."""
+    rows. Every method is compared, the reference too (error 0), except the internal ``REFERENCE`` key.
+    With ``train`` (the training gradients), the in-span numbers are added (one pass when streamed)."""
     out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in transformed if name != REFERENCE}
+    spans = training_spans(train, transformed[reference]) if train is not None else {}
     for block, exact_block in transformed[reference].items():
         exact = exact_block[:max_test].double()
         v = test[block][: exact.shape[0]].double()
         denominator = max(float(exact.norm()), 1e-300)
+        span = spans.get(block)
+        exact_in_span = span.coordinates(exact) if span is not None else None
         for name in out:
             approx = transformed[name][block][:max_test].double()
             out[name][block] = {
@@ -85,7 +98,75 @@ def compare_transformed(
                 "cosine_vs_exact": _mean_row_cosine(approx, exact),
                 "cosine_vs_gradient": _mean_row_cosine(approx, v),
             }
+            if span is not None and exact_in_span is not None:
+                approx_in_span = span.coordinates(approx)
+                out[name][block]["relative_error_in_span"] = float(
+                    (approx_in_span - exact_in_span).norm()
+                ) / max(float(exact_in_span.norm()), 1e-300)
+                out[name][block]["cosine_vs_exact_in_span"] = _mean_row_cosine(approx_in_span, exact_in_span)
     return out
+
+
+class TrainingSpan:
+    """An orthonormal basis of the span of one block's training gradients ``G`` (``[n, d]``), applied
+    as coordinates: ``x -> x Q^T`` (``Q``: ``[r, d]``, orthonormal rows), whose norm is that of the
+    projection of ``x`` onto the span.
+
+    Built from whichever Gram matrix is smaller, in float64: ``G G^T = U diag(w) U^T`` (``n <= d``; then
+    ``Q = diag(w)^-1/2 U^T G``, applied as ``(x G^T) U diag(w)^-1/2`` without forming ``Q``) or
+    ``G^T G = V diag(w) V^T`` (``Q = V^T``). Rank tolerance: singular values ``sqrt(w)`` below
+    ``max(n, d) * eps * s_max``, ``eps`` of the gradients' own dtype (numpy's ``matrix_rank`` rule): such
+    directions are rounding of the stored gradients, not directions they span; and eigenvalues below the
+    Gram's own float64 rounding, ``max(n, d) * eps64 * w_max``.
+    """
+
+    def __init__(self, gram: torch.Tensor, rows: torch.Tensor | None, n: int, d: int, eps: float) -> None:
+        w, vectors = torch.linalg.eigh(gram)
+        top = float(w.max().clamp_min(0.0))
+        k = max(n, d)
+        # eigh of a Gram is only good to about k * eps64 * w_max, which for float64 gradients is above
+        # the squared rank tolerance: below that floor an eigenvalue is the Gram's rounding, not a direction
+        floor = max((k * eps) ** 2, k * torch.finfo(torch.float64).eps) * top
+        keep = w > floor if top > 0 else torch.zeros_like(w, dtype=torch.bool)
+        self.rank = int(keep.sum())
+        self.rows = rows  # G, when the basis is expressed through it (n <= d)
+        self.vectors = vectors[:, keep]
+        self.scale = w[keep].rsqrt()
+
+    def coordinates(self, x: torch.Tensor) -> torch.Tensor:
+        """``[m, d] -> [m, rank]``: ``x``'s coordinates in the orthonormal basis of the span."""
+        x = x.to(self.vectors.dtype)
+        if self.rows is None:
+            return x @ self.vectors
+        return (x @ self.rows.T) @ self.vectors * self.scale
+
+
+def training_spans(train: TrainPasses, names: Iterable[str]) -> dict[str, TrainingSpan]:
+    """The :class:`TrainingSpan` of each named block: from the rows when held in memory (``n x n`` Gram
+    when ``n <= d``), else from the ``d x d`` Gram accumulated in one pass over the training chunks."""
+    names = list(names)
+    statistics, eps = train.statistics(), torch.finfo(train.dtype).eps
+    if train.held is not None:
+        spans = {}
+        for name in names:
+            g = train.held[name].double()
+            n, d = g.shape
+            spans[name] = (
+                TrainingSpan(g @ g.T, g, n, d, eps) if n <= d else TrainingSpan(g.T @ g, None, n, d, eps)
+            )
+        return spans
+    grams = {
+        name: torch.zeros(statistics[name].width, statistics[name].width, dtype=torch.float64)
+        for name in names
+    }
+    for chunk in train:
+        for name, gram in grams.items():
+            g = chunk[name].to(torch.float64)
+            gram.addmm_(g.T, g)
+    return {
+        name: TrainingSpan(gram, None, statistics[name].rows, statistics[name].width, eps)
+        for name, gram in grams.items()
+    }
 
 
 def _mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,6 +211,8 @@ class DampingPoint:
     cosine_vs_exact: dict[str, float]
     rank_correlation_vs_hessian_free: dict[str, float]
     rank_correlation_vs_exact: dict[str, float]
+    relative_error_in_span: dict[str, float]  # medians over blocks, inside the training-gradient span
+    cosine_vs_exact_in_span: dict[str, float]
 
 
 def damping_sweep(
@@ -176,6 +259,14 @@ def damping_sweep(
                     n: mean_spearman(s, hessian_free) for n, s in {**scores, "exact": exact_scores}.items()
                 },
                 rank_correlation_vs_exact={n: mean_spearman(s, exact_scores) for n, s in scores.items()},
+                relative_error_in_span={
+                    n: statistics.median(c["relative_error_in_span"] for c in compared[n].values())
+                    for n in methods
+                },
+                cosine_vs_exact_in_span={
+                    n: statistics.median(c["cosine_vs_exact_in_span"] for c in compared[n].values())
+                    for n in methods
+                },
             )
         )
     return points

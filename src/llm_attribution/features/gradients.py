@@ -31,7 +31,7 @@ from ..core.errors import DataError, UserError
 from ..core.progress import progress
 from ..core.settings import option, require, require_positive
 from ..data.schema import Example
-from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
+from ..data.templates import IGNORE_INDEX, Encoded, PromptSettings, collate, encode_examples
 from ..models.device import autocast
 from .projection import KroneckerProjector
 
@@ -193,8 +193,7 @@ def collect_features(
     }
     reps: torch.Tensor | None = None
     losses = torch.empty(n, dtype=torch.float32)
-    order = sorted(range(n), key=lambda i: len(encoded[i].input_ids))
-    batches = [order[i : i + settings.gradient_batch_size] for i in range(0, n, settings.gradient_batch_size)]
+    batches = length_batches(encoded, settings.gradient_batch_size)
     capture = _Capture(modules)
     try:
         for rows in progress(batches, desc=desc, total=len(batches)):
@@ -206,7 +205,7 @@ def collect_features(
             with autocast(model):  # bf16 base: low-precision forward; the einsums below sum in float32
                 out = model(**batch, output_hidden_states=representations, use_cache=False)
             loss, counts = per_example_losses(out.logits, labels)
-            _check_rows(loss, counts, [examples[i].id for i in rows])
+            check_rows(loss, counts, [examples[i].id for i in rows])
             names = list(modules)
             grads = torch.autograd.grad(loss.sum(), [capture.outputs[k] for k in names])
             index = torch.tensor(rows)
@@ -233,7 +232,15 @@ def collect_features(
     return Features([e.id for e in examples], blocks, reps, losses, shapes)
 
 
-def _check_rows(loss: torch.Tensor, counts: torch.Tensor, ids: list[str]) -> None:
+def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of ``batch_size``, sorted by length so that little padding is computed."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def check_rows(loss: torch.Tensor, counts: torch.Tensor, ids: list[str]) -> None:
+    """A :class:`DataError` for an example with no labelled token, a :class:`UserError` for a
+    non-finite loss (per row of a batch)."""
     empty = [ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:
         raise DataError(f"example(s) {', '.join(empty[:5])} have no token to score; raise --max-length")

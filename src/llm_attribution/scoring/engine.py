@@ -93,6 +93,7 @@ class ScoringJob:
     def ihvp_key(self) -> dict[str, Any]:
         return {
             "features": dict(self.features_key),
+            "in_span": True,  # comparisons stored before the in-span numbers existed are made again
             **{name: method_key(m) for name, m in self.compared.items()},
         }
 
@@ -304,7 +305,9 @@ def score_streamed(job: ScoringJob, load: Callable[[], tuple[TrainFeatures, Feat
                 method.bind_shapes(test.shapes)
                 full = method.transform_test(passes, test.blocks)
                 transformed[name] = {block: t[:IHVP_TEST_ROWS] for block, t in full.items()}
-        per_block = compare_transformed(transformed, test.blocks, reference="exact", max_test=IHVP_TEST_ROWS)
+        per_block = compare_transformed(
+            transformed, test.blocks, reference="exact", max_test=IHVP_TEST_ROWS, train=passes
+        )
         ihvp = summarize_ihvp(per_block)
         store.put_ihvp(job.ihvp_key, ihvp)
     return results, ihvp

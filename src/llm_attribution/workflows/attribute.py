@@ -167,11 +167,22 @@ def attribute_run(
             "scores": str(result.path.relative_to(run)),
         }
         if name in ihvp:
+            compared = ihvp[name]
             if name != "exact":
-                record["methods"][name]["ihvp_relative_error_vs_exact"] = ihvp[name]["relative_error"]
+                record["methods"][name]["ihvp_relative_error_vs_exact"] = compared["relative_error"]
+                if "relative_error_in_span" in compared:  # absent from a comparison stored before it existed
+                    # only the part inside the training-gradient span can change a score
+                    record["methods"][name]["ihvp_relative_error_vs_exact_in_span"] = compared[
+                        "relative_error_in_span"
+                    ]
             record["methods"][name]["ihvp_cosine"] = {
-                "vs_exact": ihvp[name]["cosine_vs_exact"],
-                "vs_gradient": ihvp[name]["cosine_vs_gradient"],
+                "vs_exact": compared["cosine_vs_exact"],
+                "vs_gradient": compared["cosine_vs_gradient"],
+                **(
+                    {"vs_exact_in_span": compared["cosine_vs_exact_in_span"]}
+                    if "cosine_vs_exact_in_span" in compared
+                    else {}
+                ),
             }
     record.update(
         {

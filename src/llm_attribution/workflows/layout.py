@@ -20,6 +20,7 @@ RUN/
   counterfactual/      remove each method's top-k, retrain (llm-attr counterfactual):
     group-<g>/<source>-k<k>.safetensors   the test losses and answers after that removal
     counterfactual.json  per group, source and k: loss change and behaviour rate
+  curvature/           <kind>.safetensors (scores, test_rows) per curvature, and curvature.json
   report.html, report.md
 STUDY/
   study.json           the judged grid
@@ -42,6 +43,8 @@ FEATURES_DIR = "features"
 SCORES_DIR = "scores"
 RESULTS_FILE = "results.json"
 DIAGNOSTICS_DIR = "diagnostics"
+CURVATURE_DIR = "curvature"
+CURVATURE_FILE = "curvature.json"
 STUDY_FILE = "study.json"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -93,6 +96,16 @@ def counterfactual_file(run: Path, group: int, source: str, k: int) -> Path:
 
 def counterfactual_work_dir(run: Path, group: int, source: str, k: int) -> Path:
     return run / COUNTERFACTUAL_DIR / "work" / f"group-{group}-{source}-k{k}"
+
+
+def curvature_file(run: Path) -> Path:
+    """``RUN/curvature/curvature.json``: settings, damping, residuals and timings of the curvature solves."""
+    return run / CURVATURE_DIR / CURVATURE_FILE
+
+
+def curvature_scores_file(run: Path, kind: str) -> Path:
+    """``RUN/curvature/<kind>.safetensors`` (kind: hessian, gauss-newton or fisher)."""
+    return run / CURVATURE_DIR / f"{kind}.safetensors"
 
 
 def study_cell(study: Path, task: str, seed: int) -> Path:
