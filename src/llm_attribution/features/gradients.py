@@ -220,7 +220,7 @@ def collect_features(
                     blocks[name][index] = per_example.cpu()
             losses[index] = loss.detach().float().cpu()
             if representations:
-                last = torch.tensor([encoded[i].prompt_length - 1 for i in rows], device=device)
+                last = torch.tensor([encoded[i].last_prompt_index for i in rows], device=device)
                 hidden = out.hidden_states[-1][torch.arange(len(rows), device=device), last].float()
                 if reps is None:
                     reps = torch.empty(n, hidden.shape[1], dtype=torch.float32)
