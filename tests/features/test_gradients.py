@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
-from llm_attribution.features.gradients import (
-    GradientSettings,
-    block_name,
-    collect_features,
-    lora_modules,
-    per_example_losses,
-)
+from llm_attribution.features.gradients import GradientSettings, collect_features, per_example_losses
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import block_name, lora_modules
 from tests.helpers import toy_task
 
 REL_TOL = 1e-5
