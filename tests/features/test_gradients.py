@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
-from llm_attribution.features.gradients import (
-    GradientSettings,
-    block_name,
-    collect_features,
-    lora_modules,
-    per_example_losses,
-)
+from llm_attribution.features.gradients import GradientSettings, collect_features, per_example_losses
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import block_name, lora_modules
 from tests.helpers import toy_task
 
 REL_TOL = 1e-5
@@ -115,3 +110,33 @@ def test_block_names_are_short_and_stable(lora_model) -> None:
     names = list(lora_modules(model))
     assert names[0] == "layers.0.self_attn.q_proj.lora_A"
     assert all(n.endswith(("lora_A", "lora_B")) for n in names)
+
+
+def test_study_padding_gradients_equal_the_official_loss(lora_model) -> None:
+    """Under ``padding="study"`` each example's gradient is that of the official code's loss: one example
+    left-padded to max_length with EOS (attention mask 0), labels = input ids (pads counted), no position
+    ids, the model's own mean loss, one backward through the parameters."""
+    model, tokenizer = lora_model
+    examples = toy_task(n_train=5).train
+    study = PromptSettings(max_length=40, padding="study")
+    got = collect_features(model, tokenizer, examples, study, GradientSettings(gradient_batch_size=3))
+    params = {block_name(n.removesuffix(".weight")): p for n, p in model.named_parameters() if "lora_" in n}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for row, example in enumerate(examples):
+            text = f"[INST] {example.prompt} [/INST] {example.response}"
+            batch = tokenizer(text, truncation=True, padding="max_length", max_length=40, return_tensors="pt")
+            assert (batch["attention_mask"] == 0).any()  # the example really is padded
+            loss = model(**batch, labels=batch["input_ids"]).loss
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for name, grad in zip(params, grads, strict=True):
+                assert _rel_err(got.blocks[name][row], grad.reshape(-1)) < REL_TOL, name
+            assert abs(float(got.losses[row]) - loss.item()) < 1e-5
+    finally:
+        tokenizer.padding_side = side
+    # RepSim reads the last prompt token, which the left pads do not reach: the same hidden state as the
+    # unpadded prompt alone (the official RepSim) and as the default padding.
+    masked = collect_features(model, tokenizer, examples, PROMPT, GradientSettings(gradient_batch_size=3))
+    assert torch.allclose(got.representations, masked.representations, atol=1e-5)
+    assert _rel_err(got.blocks[name], masked.blocks[name]) > 1e-3  # the pads' loss changes the gradients

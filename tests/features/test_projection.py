@@ -8,11 +8,12 @@ import torch
 from llm_attribution.attribution.registry import available_methods, get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.data.templates import PromptSettings
-from llm_attribution.features.gradients import GradientSettings, collect_features, lora_modules
+from llm_attribution.features.gradients import GradientSettings, collect_features
 from llm_attribution.features.projection import BlockProjection, KroneckerProjector, factor_dims
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import lora_modules
 from llm_attribution.scoring.engine import score_features
 from tests.helpers import toy_task
 

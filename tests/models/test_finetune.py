@@ -100,3 +100,36 @@ def test_unknown_lora_target_names_the_modules() -> None:
     loaded = load_model(ModelSettings(model="tiny"))
     with pytest.raises(ModelError, match="k_proj"):
         attach_lora(loaded.model, LoraSettings(lora_targets=("qq_proj",)))
+
+
+def test_study_padding_trains_on_the_official_loss_and_generates_unpadded(tmp_path) -> None:
+    """A fine-tuning batch under ``padding="study"`` has the official Trainer's loss (every example the
+    same length, so the batch's token mean is the mean of the examples' official losses), and generation
+    is unaffected: it starts from the rendered prompt, never from padded training ids."""
+    from llm_attribution.models.generate import generate_answers
+
+    loaded = load_model(ModelSettings(model="tiny", device="cpu"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples = toy_task().train[:4]
+    study = PromptSettings(max_length=40, padding="study")
+    batch = collate(encode_examples(examples, tokenizer, study), tokenizer.pad_token_id)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        texts = [f"[INST] {e.prompt} [/INST] {e.response}" for e in examples]
+        official = tokenizer(texts, truncation=True, padding="max_length", max_length=40, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        ours = model(**batch).loss
+        theirs = torch.stack(
+            [
+                model(input_ids=ids[None], attention_mask=mask[None], labels=ids[None]).loss
+                for ids, mask in zip(official["input_ids"], official["attention_mask"], strict=True)
+            ]
+        ).mean()
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    prompts = [e.prompt for e in examples[:2]]
+    assert generate_answers(model, tokenizer, prompts, study, max_new_tokens=4) == generate_answers(
+        model, tokenizer, prompts, PromptSettings(max_length=40), max_new_tokens=4
+    )

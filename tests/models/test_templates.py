@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llm_attribution.core.errors import ConfigError, DataError
 from llm_attribution.data.schema import Example
@@ -63,3 +64,55 @@ def test_collate_pads_right_and_masks_padding(tokenizer) -> None:
 def test_bad_prompt_settings(kwargs) -> None:
     with pytest.raises(ConfigError):
         PromptSettings(**kwargs)
+
+
+def _official(text: str, tokenizer, max_length: int) -> dict[str, list[int]]:
+    """The study's official preprocessing (its utils.py), rebuilt from its description: the tokenizer pads
+    on the left to max_length with EOS, and the labels are the input ids, pads included."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
+    try:
+        out = tokenizer(text, truncation=True, padding="max_length", max_length=max_length)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+    ids = out["input_ids"]
+    return {"input_ids": ids, "attention_mask": out["attention_mask"], "labels": list(ids)}
+
+
+def test_study_padding_is_the_official_construction(tokenizer) -> None:
+    settings = PromptSettings(max_length=40, padding="study")
+    short = Example("a", "x", "y", "l")
+    encoded = [encode_example(e, tokenizer, settings) for e in (short, EXAMPLE)]
+    batch = collate(encoded, tokenizer.pad_token_id)
+    for row, example in enumerate((short, EXAMPLE)):
+        official = _official(f"[INST] {example.prompt} [/INST] {example.response}", tokenizer, 40)
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert batch[key][row].tolist() == official[key], key
+    # pads: EOS ids, attention mask 0, labelled (counted in the loss); positions as the model's default
+    first = batch["attention_mask"][0].tolist().index(1)
+    assert first > 0 and (batch["input_ids"][0, :first] == tokenizer.eos_token_id).all()
+    assert (batch["labels"][0, :first] == tokenizer.eos_token_id).all()
+    assert (batch["position_ids"] == torch.arange(40)).all()
+
+
+def test_study_padding_truncates_and_counts_every_token(tokenizer) -> None:
+    enc = encode_example(EXAMPLE, tokenizer, PromptSettings(max_length=10, padding="study"))
+    assert enc.pad_prefix == 0 and len(enc.input_ids) == 10 and enc.labels == enc.input_ids
+    long = encode_example(EXAMPLE, tokenizer, PromptSettings(max_length=64, padding="study"))
+    assert len(long.input_ids) == 64 and long.labels == long.input_ids
+    text = tokenizer.decode(long.input_ids[long.pad_prefix :], skip_special_tokens=False)
+    assert text == "[INST] What is 2+2? [/INST] 4"  # no EOS appended, as in the official code
+    assert long.input_ids[long.last_prompt_index] == tokenizer("[INST] What is 2+2? [/INST]")["input_ids"][-1]
+
+
+def test_study_padding_needs_the_whole_sequence_loss() -> None:
+    with pytest.raises(ConfigError, match="loss-on all"):
+        PromptSettings(padding="study", loss_on="response")
+    with pytest.raises(ConfigError):
+        PromptSettings(padding="right")
+
+
+def test_default_padding_is_unchanged(tokenizer) -> None:
+    assert PromptSettings().padding == "mask"
+    enc = encode_example(EXAMPLE, tokenizer, PromptSettings())
+    assert enc.pad_prefix == 0 and enc.input_ids[-1] == tokenizer.eos_token_id

@@ -1,8 +1,9 @@
 """Each stage's cache: a changed setting never gets a stored artefact, an unchanged one does (no recompute).
 
 - fine-tuning: a run folder holds one setting; asked for another (model, data content, template, max length,
-  loss masking, dtype, LoRA, training) it refuses, and with the same settings it reuses the adapters,
-- features: keyed by model, adapter weights, data content, template, max length, loss masking and dtype,
+  loss masking, padding, dtype, LoRA, training) it refuses, and with the same settings it reuses the adapters,
+- features: keyed by model, adapter weights, data content, template, max length, loss masking, padding
+  and dtype,
 - scores: keyed by the features' keys and every option of the method.
 """
 
@@ -87,6 +88,7 @@ CHANGES = {
     "template": lambda c: dataclasses.replace(c, prompt=dataclasses.replace(c.prompt, template="chat")),
     "max_length": lambda c: dataclasses.replace(c, prompt=dataclasses.replace(c.prompt, max_length=40)),
     "loss_on": lambda c: dataclasses.replace(c, prompt=dataclasses.replace(c.prompt, loss_on="response")),
+    "padding": lambda c: dataclasses.replace(c, prompt=dataclasses.replace(c.prompt, padding="study")),
     "lora_r": lambda c: dataclasses.replace(c, lora=LoraSettings(lora_r=2)),
     "learning_rate": lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, learning_rate=1e-3)),
     "train_limit": lambda c: dataclasses.replace(c, data=dataclasses.replace(c.data, train_limit=10)),
@@ -135,6 +137,7 @@ FEATURE_CHANGES = {
     "template": {"prompt": {"template": "chat"}},
     "max_length": {"prompt": {"max_length": 40}},
     "loss_on": {"prompt": {"loss_on": "response"}},
+    "padding": {"prompt": {"padding": "study"}},
     "dtype": {"model": {"dtype": "bfloat16"}},
 }
 

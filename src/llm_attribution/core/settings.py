@@ -28,12 +28,15 @@ def option(
     flag: str | None = None,
     recorded: bool = True,
     positional: bool = False,
+    recorded_at_default: bool = True,
 ) -> Any:
     """A dataclass field that is also a CLI option (``--field-name`` unless ``flag`` is given, or a
     positional argument); ``default=REQUIRED`` makes it one the user must give.
 
     ``recorded=False`` marks a field that cannot change any result (how often to checkpoint, say): it is
     left out of :func:`to_dict`, so a run folder neither records it nor refuses a rerun that changes it.
+    ``recorded_at_default=False`` marks a field added after runs were made: recorded only when it differs
+    from its default, so run folders and caches made before it existed still match a rerun at its default.
     """
     metadata = {
         "help": help,
@@ -41,6 +44,7 @@ def option(
         "flag": flag,
         "recorded": recorded,
         "positional": positional,
+        "recorded_at_default": recorded_at_default,
     }
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in settings; use a tuple")
@@ -87,6 +91,7 @@ def to_dict(settings: Any) -> dict[str, Any]:
         f.name: list(v) if isinstance(v := getattr(settings, f.name), tuple) else v
         for f in dataclasses.fields(settings)
         if f.metadata.get("recorded", True)
+        and (f.metadata.get("recorded_at_default", True) or getattr(settings, f.name) != f.default)
     }
 
 

@@ -2,8 +2,16 @@
 
 The prompt part and the response part are tokenised separately and concatenated, so the boundary
 between them is exact (needed for response-only loss) and identical for training, gradients and
-generation. The response is followed by one EOS token that is part of the loss, so the model learns to
-stop; padding is always masked out of the loss (the study's code kept it in; see DESIGN.md).
+generation. By default (``padding="mask"``) the response is followed by one EOS token that is part of the
+loss, so the model learns to stop, and padding is masked out of the loss.
+
+``padding="study"`` reproduces the study's official preprocessing instead (its ``utils.py``: the tokenizer
+called with ``padding="max_length"`` after ``padding_side = "left"`` and ``pad_token = eos_token``, then
+``labels = input_ids``): no EOS is appended after the response, every example is LEFT-padded to
+``max_length`` with EOS, the pads get attention mask 0 (the tokenizer's mask) but keep their labels, so the
+loss also counts predicting them, and positions run 0..max_length-1 over pads and tokens alike (what the
+model computes when given no position ids, as the official code gives none). Generation never sees those
+pads: it tokenises the rendered prompt alone (:mod:`llm_attribution.models.generate`).
 """
 
 from __future__ import annotations
@@ -15,11 +23,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import DataError
-from ..core.settings import option, require_choice, require_positive
+from ..core.settings import option, require, require_choice, require_positive
 from .schema import Example
 
 TEMPLATES = ("study", "chat")
 LOSS_ON = ("all", "response")
+PADDING = ("mask", "study")
 IGNORE_INDEX = -100
 STUDY_PROMPT = "[INST] {prompt} [/INST]"
 
@@ -39,20 +48,44 @@ class PromptSettings:
         "all: loss over the whole sequence (the study's); response: the response tokens only",
         choices=LOSS_ON,
     )
+    padding: str = option(
+        "mask",
+        "mask: pad each batch to its longest example, padding out of the loss, EOS after the response; "
+        "study: the study's official preprocessing (every example left-padded to --max-length with EOS, "
+        "pads with attention mask 0 but labelled, so the loss counts predicting them; no EOS appended)",
+        choices=PADDING,
+        recorded_at_default=False,
+    )
 
     def __post_init__(self) -> None:
         require_choice("template", self.template, TEMPLATES)
         require_choice("loss_on", self.loss_on, LOSS_ON)
+        require_choice("padding", self.padding, PADDING)
         require_positive("max_length", self.max_length)
+        # The official code labels every token; masking the prompt while labelling pads reproduces nothing.
+        require(
+            self.padding == "mask" or self.loss_on == "all",
+            "--padding study reproduces the study's loss over the whole sequence; use it with --loss-on all",
+        )
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenised example: ids and labels of equal length (labels are IGNORE_INDEX where not scored)."""
+    """One tokenised example: ids and labels of equal length (labels are IGNORE_INDEX where not scored).
+
+    ``pad_prefix`` leading tokens are the study's padding (``padding="study"``): part of the example, with
+    positions and labels, but attention mask 0. ``prompt_length`` counts the prompt's tokens after them.
+    """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     prompt_length: int
+    pad_prefix: int = 0
+
+    @property
+    def last_prompt_index(self) -> int:
+        """Index of the prompt's last token in ``input_ids`` (where RepSim reads the hidden state)."""
+        return self.pad_prefix + self.prompt_length - 1
 
 
 def render_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, settings: PromptSettings) -> str:
@@ -72,14 +105,16 @@ def _response_text(response: str, settings: PromptSettings) -> str:
 
 
 def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, settings: PromptSettings) -> Encoded:
-    """Tokenise one example: prompt ids, then response ids and EOS, truncated to ``max_length``."""
+    """Tokenise one example: prompt ids, then response ids and EOS, truncated to ``max_length``; with
+    ``padding="study"`` no EOS, left-padded to ``max_length`` with labelled EOS pads."""
     prompt_ids = tokenizer(render_prompt(example.prompt, tokenizer, settings), add_special_tokens=True)[
         "input_ids"
     ]
     response_ids = tokenizer(_response_text(example.response, settings), add_special_tokens=False)[
         "input_ids"
     ]
-    ids = (list(prompt_ids) + list(response_ids) + [tokenizer.eos_token_id])[: settings.max_length]
+    ending = [tokenizer.eos_token_id] if settings.padding == "mask" else []
+    ids = (list(prompt_ids) + list(response_ids) + ending)[: settings.max_length]
     n_prompt = min(len(prompt_ids), len(ids))
     if settings.loss_on == "response":
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
@@ -90,7 +125,10 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, setting
             )
     else:
         labels = list(ids)
-    return Encoded(input_ids=tuple(ids), labels=tuple(labels), prompt_length=n_prompt)
+    pads = settings.max_length - len(ids) if settings.padding == "study" else 0
+    # the official code pads with EOS (its pad token) and labels the pads with their own ids
+    padded = [tokenizer.eos_token_id] * pads
+    return Encoded(tuple(padded + ids), tuple(padded + labels), n_prompt, pad_prefix=pads)
 
 
 def encode_examples(
@@ -103,20 +141,23 @@ def collate(
     batch: Sequence[Encoded], pad_id: int, padding_side: str = "right", width: int = 0
 ) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example (or to ``width`` if longer); padding gets attention mask 0 and
-    label IGNORE_INDEX.
+    label IGNORE_INDEX. An example's own study pads (``pad_prefix``) keep their labels and positions and
+    get attention mask 0, as the official code gives them.
 
-    Position ids are given explicitly (counting real tokens only), so left and right padding give every
-    example exactly the same positions, hence the same logits and gradients.
+    Position ids are given explicitly (counting the example's own tokens only), so left and right padding
+    give every example exactly the same positions, hence the same logits and gradients.
     """
     width = max(width, *(len(e.input_ids) for e in batch))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    present = torch.zeros((len(batch), width), dtype=torch.long)  # the example's own tokens, study pads too
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[row, cols] = torch.tensor(e.input_ids)
-        labels[row, cols] = torch.tensor(e.labels)
-        mask[row, cols] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        start = 0 if padding_side == "right" else width - n
+        ids[row, start : start + n] = torch.tensor(e.input_ids)
+        labels[row, start : start + n] = torch.tensor(e.labels)
+        present[row, start : start + n] = 1
+        mask[row, start + e.pad_prefix : start + n] = 1
+    positions = (present.cumsum(dim=1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}

@@ -37,14 +37,15 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.errors import ConfigError, DataError
 from ..core.progress import ProgressBar, progress
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
 from ..models.device import autocast
-from .gradients import check_rows, length_batches, lora_modules, per_example_losses
+from ..models.tuning import lora_modules
+from .gradients import check_rows, length_batches, per_example_losses
 
 CURVATURES = ("hessian", "gauss-newton", "fisher")
 MODEL_CURVATURES = ("hessian", "gauss-newton")
@@ -106,13 +107,14 @@ class ModelCurvature:
 
     def __init__(
         self,
-        model: PeftModel,
+        model: PeftModel | PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         examples: Sequence[Example],
         prompt: PromptSettings,
         kind: str,
         batch_size: int = 8,
         names: Sequence[str] | None = None,
+        modules: dict[str, torch.nn.Linear] | None = None,
     ) -> None:
         if kind not in MODEL_CURVATURES:
             raise ConfigError(f"model curvature is one of {', '.join(MODEL_CURVATURES)}, got {kind!r}")
@@ -120,7 +122,8 @@ class ModelCurvature:
             raise ConfigError(f"batch_size must be > 0, got {batch_size!r}")
         if not examples:
             raise DataError("no training examples to take the curvature of")
-        modules = lora_modules(model)
+        # The trained matrices by block name (default: the LoRA ones; a full fine-tune passes its own).
+        modules = lora_modules(model) if modules is None else modules
         names = list(modules) if names is None else list(names)
         unknown = [name for name in names if name not in modules]
         if unknown or not names:

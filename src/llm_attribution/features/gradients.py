@@ -1,9 +1,11 @@
-"""Per-example gradients of every LoRA matrix, from batched forward/backward passes.
+"""Per-example gradients of every trained linear module (LoRA matrices, or the full weights of the base
+model's linear layers), from batched forward/backward passes.
 
 For a linear map ``y = W u`` applied at every token, the gradient of example ``i``'s loss is
 ``sum_t (dL_i/dy_t) u_t^T``: the layer's input and the gradient at its output, both of which one
-batched backward pass already computes for all examples at once. Forward hooks keep each LoRA
-matrix's input and output; ``torch.autograd.grad`` of the SUM of per-example losses w.r.t. those
+batched backward pass already computes for all examples at once. Forward hooks keep each trained
+module's input and output (the modules a :class:`~llm_attribution.models.tuning.TunedWeights` names);
+``torch.autograd.grad`` of the SUM of per-example losses w.r.t. those
 outputs gives, row by row, each example's own output gradient (examples do not interact: causal
 attention with a padding mask), and one ``einsum`` per matrix forms all per-example gradients.
 Cost: one training step per example, never a batch-size-1 loop.
@@ -13,7 +15,9 @@ other examples share its batch or on how much padding they bring.
 
 With ``projection_dim`` set, each block's gradient is randomly projected on the fly (see
 :mod:`.projection`): inputs and output gradients are projected before the ``einsum``, so a projected
-gradient costs less than a full one and no full gradient is ever formed.
+gradient costs less than a full one and no full gradient is ever formed. For full fine-tuning (LoGra-style)
+the projection is mandatory: a full layer's ``d_out x d_in`` gradient per example is refused beyond
+:data:`~llm_attribution.models.tuning.FULL_UNPROJECTED_LIMIT` numbers.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from ..core.errors import DataError, UserError
+from ..core.errors import ConfigError, DataError, UserError
 from ..core.progress import progress
 from ..core.settings import option, require, require_positive
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, Encoded, PromptSettings, collate, encode_examples
 from ..models.device import autocast
+from ..models.tuning import FULL_UNPROJECTED_LIMIT, LoraWeights, TunedWeights
 from .projection import KroneckerProjector
 
 log = logging.getLogger(__name__)
@@ -88,12 +92,12 @@ class GradientSettings:
 class Features:
     """Per-example features of a list of examples, rows in the examples' order.
 
-    ``blocks``: LoRA matrix name -> float32 ``[n, d_block]`` gradients of each example's own loss
+    ``blocks``: trained module's block name -> float32 ``[n, d_block]`` gradients of each example's own loss
     (``[n, k_block]`` when projected).
     ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
     ``losses``: float32 ``[n]`` each example's loss.
-    ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the LoRA
-    matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
+    ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the
+    trained matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
     """
 
     ids: list[str]
@@ -101,29 +105,6 @@ class Features:
     representations: torch.Tensor | None
     losses: torch.Tensor
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def block_name(module_name: str) -> str:
-    """Short block name: ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default`` becomes
-    ``layers.3.self_attn.q_proj.lora_A``."""
-    parts = module_name.split(".")
-    if parts and parts[-1] not in ("lora_A", "lora_B"):
-        parts = parts[:-1]  # the adapter name, e.g. "default"
-    while parts and parts[0] in ("base_model", "model"):
-        parts = parts[1:]
-    return ".".join(parts)
-
-
-def lora_modules(model: PeftModel) -> dict[str, torch.nn.Linear]:
-    """The linear maps of every LoRA matrix, by block name, in module order."""
-    found: dict[str, torch.nn.Linear] = {}
-    for name, module in model.named_modules():
-        parent = name.rsplit(".", 2)
-        if isinstance(module, torch.nn.Linear) and len(parent) == 3 and parent[1] in ("lora_A", "lora_B"):
-            found[block_name(name)] = module
-    if not found:
-        raise UserError("the model has no LoRA adapter: attach or load one before collecting gradients")
-    return found
 
 
 class _Capture:
@@ -158,27 +139,32 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 
 def collect_features(
-    model: PeftModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     prompt: PromptSettings,
     settings: GradientSettings,
     representations: bool = True,
     desc: str = "gradients",
+    weights: TunedWeights | None = None,
 ) -> Features:
-    """Per-example LoRA gradients (and RepSim representations) of ``examples``, in their order.
+    """Per-example gradients of the trained weights (default: the LoRA matrices of a peft model), and
+    RepSim representations, of ``examples``, in their order.
 
     The model is put in eval mode (no dropout): attribution explains the trained, deterministic model.
     Examples are batched by length to limit padding, which does not change any result.
     """
+    weights = LoraWeights(model) if weights is None else weights
+    modules = weights.modules()
+    projector = settings.projector()
+    if weights.projection_required:
+        _check_projected(modules, projector)
     model.eval()
     encoded = encode_examples(examples, tokenizer, prompt)
-    modules = lora_modules(model)
     for module in modules.values():
         module.weight.requires_grad_(True)  # an adapter loaded for inference has them frozen
     device = next(model.parameters()).device
     n = len(encoded)
-    projector = settings.projector()
     projections = {
         name: projector.block(name, *m.weight.shape) for name, m in modules.items() if projector is not None
     }
@@ -219,7 +205,7 @@ def collect_features(
                     blocks[name][index] = per_example.cpu()
             losses[index] = loss.detach().float().cpu()
             if representations:
-                last = torch.tensor([encoded[i].prompt_length - 1 for i in rows], device=device)
+                last = torch.tensor([encoded[i].last_prompt_index for i in rows], device=device)
                 hidden = out.hidden_states[-1][torch.arange(len(rows), device=device), last].float()
                 if reps is None:
                     reps = torch.empty(n, hidden.shape[1], dtype=torch.float32)
@@ -230,6 +216,21 @@ def collect_features(
         capture.remove()
     _check_finite(blocks, [e.id for e in examples])
     return Features([e.id for e in examples], blocks, reps, losses, shapes)
+
+
+def _check_projected(modules: dict[str, torch.nn.Linear], projector: KroneckerProjector | None) -> None:
+    """Refuse, before any work, to form a large full layer's per-example gradient unprojected: ``d_out x
+    d_in`` numbers per example and layer do not fit for any real model (a projected one is as wide as
+    --projection-dim asks)."""
+    for name, module in modules.items():
+        d_out, d_in = module.weight.shape
+        projected = projector is not None and projector.block(name, d_out, d_in).width < d_out * d_in
+        if not projected and d_out * d_in > FULL_UNPROJECTED_LIMIT:
+            raise ConfigError(
+                f"--tuning full: the per-example gradient of {name} ({d_out} x {d_in}) would be formed "
+                f"unprojected (more than {FULL_UNPROJECTED_LIMIT} numbers); give --projection-dim, e.g. "
+                f"--projection-dim {FULL_UNPROJECTED_LIMIT}, to project it while it is collected"
+            )
 
 
 def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:

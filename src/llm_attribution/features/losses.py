@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, PromptSettings, collate, encode_examples
@@ -30,7 +30,7 @@ class ExampleLosses:
 
 
 def example_losses(
-    model: PeftModel,
+    model: PeftModel | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     prompt: PromptSettings,

@@ -26,7 +26,6 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-from peft import PeftModel
 
 from ..core import distributed
 from ..data.templates import IGNORE_INDEX, Encoded, collate
@@ -67,7 +66,7 @@ class DataParallelSteps:
     """Forward and backward of each step's slice, gradients summed over ranks (use as a context manager:
     it swaps the LoRA dropout modules for :class:`GlobalBatchDropout` and puts them back)."""
 
-    def __init__(self, model: PeftModel, params: Sequence[torch.nn.Parameter], pad_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], pad_id: int) -> None:
         self.model, self.params, self.pad_id = model, list(params), pad_id
         self.device = self.params[0].device
         self._swapped: list[tuple[torch.nn.ModuleDict, str, torch.nn.Module]] = []

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning: a plain, seeded training loop that saves a peft adapter after every epoch.
+"""Fine-tuning: a plain, seeded training loop that saves the trained weights after every epoch (a peft
+adapter for LoRA, the trained matrices' safetensors for full fine-tuning; see :mod:`.tuning`).
 
 A hand-written loop rather than the Hugging Face Trainer, because attribution needs to know exactly
 what happened: which examples were in which step, in what order, with which learning rate. Same seed
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
 
 from ..core import distributed
 from ..core.errors import UserError
@@ -31,18 +30,19 @@ from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from .data_parallel import DataParallelSteps
 from .device import autocast
-from .lora import ADAPTER_WEIGHTS, lora_parameters
+from .lora import ADAPTER_WEIGHTS
+from .tuning import LoraWeights, TunedWeights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """Where fine-tuning keeps what it resumes from: the adapter saved after each epoch and the training
+    """Where fine-tuning keeps what it resumes from: the weights saved after each epoch and the training
     state. The workflow that owns the run folder chooses the paths (``workflows/layout.py``)."""
 
-    adapter: Callable[[int], Path]  # epoch -> the folder of the adapter saved after it
-    state: Path  # optimizer, schedule, random states and LoRA weights of the last saved step
+    adapter: Callable[[int], Path]  # epoch -> the folder of the adapter (or full weights) saved after it
+    state: Path  # optimizer, schedule, random states and trained weights of the last saved step
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,18 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[i
 
 
 def finetune(
-    model: PeftModel,
+    model: torch.nn.Module,
     tokenizer: object,
     train: Sequence[Example],
     prompt: PromptSettings,
     settings: TrainSettings,
     checkpoints: Checkpoints,
     across_ranks: bool = True,
+    *,
+    weights: TunedWeights | None = None,
 ) -> LossCurve:
-    """Train the LoRA weights of ``model`` on ``train``; save an adapter after each epoch.
+    """Train ``weights`` (default: the LoRA matrices of the peft ``model``) on ``train``; save them after
+    each epoch.
 
     The LoRA initialisation must already be seeded by the caller. The training state (LoRA weights,
     optimizer, schedule, shuffling and dropout random states) is saved to ``checkpoints.state`` after every
@@ -118,19 +121,21 @@ def finetune(
     encoded: list[Encoded] = encode_examples(train, tokenizer, prompt)  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     device = next(model.parameters()).device
-    params = list(lora_parameters(model).values())
+    weights = LoraWeights(model) if weights is None else weights
+    params = weights.parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     generator = torch.Generator().manual_seed(settings.seed)
     curve, first, done, partial, partial_seconds = LossCurve(), 1, 0, [], 0.0
-    state = resume_state(checkpoints)
+    state = resume_state(checkpoints, weights.weights_file)
     if state is not None:
-        lora = state.get("lora")
-        if lora is None:  # a state file written before LoRA weights were kept in it
-            lora = load_file(str(checkpoints.adapter(state["epoch"]) / ADAPTER_WEIGHTS))
-        set_peft_model_state_dict(model, lora)
+        trained = state.get("weights", state.get("lora"))  # "lora": state files of LoRA-only versions
+        if trained is None:  # a state file written before the trained weights were kept in it
+            weights.load(checkpoints.adapter(state["epoch"]))
+        else:
+            weights.load_state(trained)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -147,7 +152,7 @@ def finetune(
     parallel = DataParallelSteps(model, params, pad_id) if shared else None
 
     def backward(rows: list[int]) -> torch.Tensor:
-        """The batch's mean token loss, its gradient left in the LoRA parameters' ``.grad``."""
+        """The batch's mean token loss, its gradient left in the trained parameters' ``.grad``."""
         if parallel is not None:
             loss = parallel.backward([encoded[i] for i in rows])
             if not torch.isfinite(loss):  # the same loss on every rank: all stop here together
@@ -203,7 +208,7 @@ def finetune(
                     if distributed.is_main() or not shared:
                         elapsed = time.perf_counter() - start
                         mid = _state(
-                            model, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
+                            weights, optimizer, scheduler, curve, device, epoch - 1, step + 1, at_start
                         )
                         _save_state(
                             checkpoints.state,
@@ -216,11 +221,11 @@ def finetune(
             with distributed.agree() if shared else contextlib.nullcontext():
                 if distributed.is_main() or not shared:
                     with atomic_dir(checkpoints.adapter(epoch)) as tmp:
-                        model.save_pretrained(str(tmp))
+                        weights.save(tmp)
                     # Written after the epoch's adapter: a state file always refers to adapters that exist.
                     _save_state(
                         checkpoints.state,
-                        _state(model, optimizer, scheduler, curve, device, epoch, 0, generator.get_state()),
+                        _state(weights, optimizer, scheduler, curve, device, epoch, 0, generator.get_state()),
                     )
             last_save = time.monotonic()
             log.info(
@@ -238,7 +243,7 @@ def _non_finite_rows(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> li
 
 
 def _state(
-    model: PeftModel,
+    weights: TunedWeights,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     curve: LossCurve,
@@ -255,7 +260,7 @@ def _state(
     return {
         "epoch": epoch,
         "step": step,
-        "lora": get_peft_model_state_dict(model),
+        "weights": weights.state(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "generator": generator,
@@ -282,8 +287,9 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def resume_state(checkpoints: Checkpoints) -> dict[str, Any] | None:
-    """The saved training state of an unfinished run (None when there is none to resume from)."""
+def resume_state(checkpoints: Checkpoints, weights_file: str = ADAPTER_WEIGHTS) -> dict[str, Any] | None:
+    """The saved training state of an unfinished run (None when there is none to resume from);
+    ``weights_file``: the file an epoch's checkpoint keeps its trained weights in."""
     path = checkpoints.state
     if not path.is_file():
         return None
@@ -292,6 +298,6 @@ def resume_state(checkpoints: Checkpoints) -> dict[str, Any] | None:
     except Exception as exc:  # a damaged state file: say so and train from the start
         log.warning("cannot read %s (%s); fine-tuning starts from the beginning", path, exc)
         return None
-    if state["epoch"] > 0 and not (checkpoints.adapter(state["epoch"]) / ADAPTER_WEIGHTS).is_file():
+    if state["epoch"] > 0 and not (checkpoints.adapter(state["epoch"]) / weights_file).is_file():
         return None
     return state

@@ -62,7 +62,8 @@ def embedded_gguf_path() -> Path:
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
-        # Padding is always masked out of the loss, so reusing EOS as the pad token is harmless.
+        # Padding is masked out of the loss (or, with --padding study, is EOS as in the official code), so
+        # reusing EOS as the pad token is harmless.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer

@@ -8,6 +8,8 @@ from ..core.settings import option, require, require_choice, require_positive
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+TUNINGS = ("lora", "full")
+FULL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,24 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """The LoRA adapter; the defaults are the study's."""
+    """What fine-tuning trains: a LoRA adapter (the defaults are the study's) or, with ``tuning="full"``,
+    the full weights of the base model's linear layers (to tell LoRA artefacts from influence functions'
+    own failures)."""
 
+    tuning: str = option(
+        "lora",
+        "lora: train a LoRA adapter on --lora-targets (the study's); full: train the whole weight matrices "
+        "of the --full-targets linear layers instead (embeddings, norms, output head frozen); their "
+        "per-example gradients are then always randomly projected while collected (--projection-dim)",
+        choices=TUNINGS,
+        recorded_at_default=False,
+    )
+    full_targets: tuple[str, ...] = option(
+        FULL_TARGETS,
+        "with --tuning full: comma-separated names of the linear modules whose weights are trained "
+        "(default: every attention and MLP projection of a Llama-style model)",
+        recorded_at_default=False,
+    )
     lora_r: int = option(4, "LoRA rank")
     lora_alpha: int = option(32, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = option(0.1, "dropout on the LoRA input during fine-tuning")
@@ -48,3 +66,5 @@ class LoraSettings:
             0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}"
         )
         require(len(self.lora_targets) > 0, "--lora-targets must name at least one module")
+        require_choice("tuning", self.tuning, TUNINGS)
+        require(len(self.full_targets) > 0, "--full-targets must name at least one module")

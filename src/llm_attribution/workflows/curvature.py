@@ -123,6 +123,7 @@ def curvature_run(run: Path, settings: CurvatureSettings) -> CurvatureResult:
                 kind,
                 settings.batch_size,
                 layout.names,
+                loaded_run.weights.modules(),
             )
         start = time.perf_counter()
         damping = _damping(kind, operator, fisher, layout, settings)

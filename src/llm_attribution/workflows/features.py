@@ -16,8 +16,8 @@ from ..data.templates import PromptSettings
 from ..features.gradients import Features, GradientSettings, collect_features
 from ..features.ranks import collect_on_ranks
 from ..features.store import FeatureStore
-from ..models.lora import adapter_fingerprint
 from ..models.settings import ModelSettings
+from ..models.tuning import checkpoint_fingerprint
 from ..scoring.train_features import TrainFeatures
 from .layout import features_dir
 from .runs import LoadedRun
@@ -49,13 +49,17 @@ class RunFeatures:
 
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
-        """What, besides data and template, determines the features: the model and the adapter's weights."""
+        """What, besides data and template, determines the features: the model, what was trained (LoRA or
+        full weights, and which blocks) and the trained weights."""
         base = self.loaded_run.base
+        tuning = self.loaded_run.config.lora.tuning
         return {
             "model": base.spec,
             "source": base.source,
             "dtype": self.model_settings.dtype,
-            "adapter_sha256": adapter_fingerprint(self.loaded_run.adapter),
+            # Only a full fine-tune says so: LoRA features stored before the option existed stay valid.
+            **({"tuning": tuning} if tuning != "lora" else {}),
+            "adapter_sha256": checkpoint_fingerprint(self.loaded_run.adapter),
         }
 
     def examples(self, split: str) -> Sequence[Example]:
@@ -86,7 +90,10 @@ class RunFeatures:
     def collect(self, examples: Sequence[Example], desc: str) -> Features:
         """Features of other examples (a query), with the run's model and settings; not stored."""
         model, tokenizer = self.loaded_run.model, self.loaded_run.tokenizer
-        return collect_features(model, tokenizer, examples, self.prompt, self.gradients, desc=desc)
+        weights = self.loaded_run.weights
+        return collect_features(
+            model, tokenizer, examples, self.prompt, self.gradients, desc=desc, weights=weights
+        )
 
     def in_memory(self) -> tuple[Features, Features, Timings]:
         """Train and test features in memory, with the seconds each took."""
@@ -109,6 +116,7 @@ class RunFeatures:
             prompt=self.prompt,
             settings=self.gradients,
             desc=f"{split} features",
+            weights=self.loaded_run.weights,
         )
         # under torchrun each rank computes a slice of every shard (collect_on_ranks); rank 0 stores it
         return functools.partial(collect_on_ranks, collect=collect)

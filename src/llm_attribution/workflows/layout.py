@@ -6,7 +6,8 @@ RUN/
   data.json            the train and test example ids the run used, in order
   finetune.json        loss curve (per step and per epoch), timings, versions
   train_state.pt       optimizer, schedule and random states after the last saved step (for resuming)
-  adapters/epoch-1/    peft adapter (adapter_model.safetensors + adapter_config.json) after epoch 1
+  adapters/epoch-1/    peft adapter (adapter_model.safetensors + adapter_config.json) after epoch 1, or
+                       with --tuning full the trained weights (full_weights.safetensors + full_config.json)
   adapters/epoch-2/    ...
   features/            the feature store (llm_attribution.features.store): one folder per split and key
   scores/              the score store (llm_attribution.scoring.store): one matrix per method
@@ -33,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.finetune import Checkpoints
+from ..models.tuning import is_checkpoint
 
 SETTINGS_FILE = "settings.json"
 DATA_FILE = "data.json"
@@ -114,14 +116,14 @@ def study_cell(study: Path, task: str, seed: int) -> Path:
 
 
 def saved_epochs(run: Path) -> list[int]:
-    """Epochs whose adapter is complete on disk, ascending."""
+    """Epochs whose adapter (or full weights) is complete on disk, ascending."""
     root = run / ADAPTERS_DIR
     if not root.is_dir():
         return []
     epochs = []
     for child in root.iterdir():
         name = child.name
-        if name.startswith("epoch-") and name[6:].isdigit() and (child / "adapter_config.json").is_file():
+        if name.startswith("epoch-") and name[6:].isdigit() and is_checkpoint(child):
             epochs.append(int(name[6:]))
     return sorted(epochs)
 

@@ -1,6 +1,7 @@
 """Parameter change against behaviour change, epoch by epoch (the study's section 4.3).
 
-Parameter change: ``||(alpha / r) B A||_F`` of every adapted module, from the saved adapters alone.
+Parameter change: ``||(alpha / r) B A||_F`` of every adapted module, from the saved adapters alone; with
+``--tuning full``, ``||W_epoch - W_0||_F`` of every trained matrix against the base model's weights.
 Behaviour: the mean test loss, and for tasks with triggered examples (labels starting with ``trigger``) the
 rate at which a triggered test prompt makes the model produce its target behaviour, judged from greedy
 generations. A target need not be one fixed string (the study's backdoor answers each triggered request with
@@ -25,6 +26,8 @@ from ..diagnostics.behaviour import judge_labels
 from ..features.gradients import per_example_losses
 from ..models.generate import generate_answers
 from ..models.lora import adapter_update_norms
+from ..models.resolve import load_model
+from ..models.tuning import FullWeights, full_update_norms
 from .layout import adapter_dir
 from .runs import run_epochs
 
@@ -67,11 +70,17 @@ def parameters_vs_behaviour(
 ) -> list[ParameterRow]:
     """One row per saved epoch: adapter update norms, test loss, and (backdoor tasks) trigger rates."""
     rows = []
+    initial: dict[str, torch.Tensor] | None = None  # full tuning: the base weights before fine-tuning
     for loaded_run in run_epochs(run):
         epoch, config, test = typing.cast(int, loaded_run.epoch), loaded_run.config, loaded_run.task.test
         triggered = [e for e in test if _is_trigger(e.label)][:max_generations]
         clean = [e for e in test if not _is_trigger(e.label)][:max_generations]
-        norms = adapter_update_norms(adapter_dir(run, epoch))
+        if config.lora.tuning == "full":
+            if initial is None:  # the run's model holds trained weights: take W_0 from a fresh base
+                initial = FullWeights(load_model(config.model).model, config.lora.full_targets).state()
+            norms = full_update_norms(adapter_dir(run, epoch), initial)
+        else:
+            norms = adapter_update_norms(adapter_dir(run, epoch))
         rates: list[float | None] = [None, None]
         if triggered:
             for i, group in enumerate((triggered, clean)):

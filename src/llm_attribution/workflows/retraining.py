@@ -92,6 +92,10 @@ class _Context:
                 f"{run} explains an adapter trained elsewhere: retraining needs a run this tool trained"
             )
         self.config = FinetuneConfig.from_dict(settings)
+        if self.config.lora.tuning != "lora":
+            raise RunError(
+                f"{run} is a full fine-tune: retraining (lds, counterfactual) supports LoRA runs only so far"
+            )
         self.task: TaskData = load_task(self.config.data)
         if run_settings(self.config, self.task)["fingerprint"] != settings["fingerprint"]:
             raise RunError(f"the data of {run} changed since it was made; make a new run")

@@ -1,6 +1,9 @@
 """A run folder's model: fine-tune it (or reuse the adapters it holds), adopt an adapter trained
 elsewhere, or open a finished run at any saved epoch. Each gives a :class:`LoadedRun` (task, model with
 its adapter, and where they came from) for the other workflows to attribute, explain or diagnose.
+
+With ``--tuning full`` the run trains the base model's linear weights instead of an adapter; its epoch
+folders hold those weights, loaded back onto a freshly loaded base model (:mod:`..models.tuning`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core import distributed
-from ..core.errors import RunError
+from ..core.errors import ConfigError, RunError
 from ..core.settings import from_dict, to_dict
 from ..core.storage import read_json, remove_stale_temporaries, write_json_atomic
 from ..core.versions import package_versions
@@ -29,9 +31,10 @@ from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
-from ..models.lora import ADAPTER_WEIGHTS, adapter_fingerprint, attach_lora, load_adapter
+from ..models.lora import adapter_fingerprint, attach_lora, load_adapter
 from ..models.resolve import LoadedModel, load_model
 from ..models.settings import LoraSettings, ModelSettings
+from ..models.tuning import FullWeights, TunedWeights, tuned_weights
 from .layout import DATA_FILE, FINETUNE_FILE, SETTINGS_FILE, adapter_dir, checkpoints, saved_epochs
 
 log = logging.getLogger(__name__)
@@ -65,16 +68,22 @@ class FinetuneConfig:
 
 @dataclass
 class LoadedRun:
-    """A fine-tuned model ready to explain: the task, the model with its adapter, and where it came from."""
+    """A fine-tuned model ready to explain: the task, the model with its adapter (or, with ``--tuning
+    full``, its fine-tuned weights), and where it came from."""
 
     run: Path
     config: FinetuneConfig
     task: TaskData
-    model: PeftModel
+    model: PeftModel | PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     base: LoadedModel  # the base model as loaded: its spec, source and device
-    adapter: Path
+    adapter: Path  # the epoch's folder: a peft adapter, or the full weights
     epoch: int | None
+
+    @property
+    def weights(self) -> TunedWeights:
+        """The weights the run trained (whose per-example gradients are collected)."""
+        return tuned_weights(self.model, self.config.lora)
 
 
 @dataclass
@@ -166,15 +175,18 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
         log.info("%s already holds all %d epochs with these settings: reusing them", run, last)
         recorded = read_json(run / FINETUNE_FILE)["loss"]
         curve = LossCurve(recorded["step_loss"], recorded["epoch_loss"], recorded["seconds_per_epoch"])
-        model = load_adapter(loaded.model, adapter_dir(run, last))
+        model = _load_tuned(loaded.model, config.lora, adapter_dir(run, last))
         reused = True
     else:
         if distributed.is_main():
             write_json_atomic(run / DATA_FILE, _data_record(task))
         torch.manual_seed(config.train.seed)  # seeds the LoRA A initialisation
-        model = attach_lora(loaded.model, config.lora)
+        full = config.lora.tuning == "full"
+        model = loaded.model if full else attach_lora(loaded.model, config.lora)
+        weights = tuned_weights(model, config.lora)
         start = time.perf_counter()
-        curve = finetune(model, loaded.tokenizer, task.train, config.prompt, config.train, checkpoints(run))
+        tokenizer, prompt, train = loaded.tokenizer, config.prompt, config.train
+        curve = finetune(model, tokenizer, task.train, prompt, train, checkpoints(run), weights=weights)
         with distributed.agree():
             if distributed.is_main():
                 write_json_atomic(
@@ -197,6 +209,8 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
 
 def run_with_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> LoadedRun:
     """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning."""
+    if config.lora.tuning != "lora":
+        raise ConfigError("--adapter gives a LoRA adapter; it cannot be combined with --tuning full")
     with distributed.agree():
         task = load_task(config.data)
         settings = run_settings(config, task, adapter)
@@ -233,12 +247,12 @@ def _open_run(run: Path, epoch: int | None) -> LoadedRun:
         if epoch not in epochs:
             raise RunError(f"{run} has no adapter for epoch {epoch} (it has {', '.join(map(str, epochs))})")
         adapter = adapter_dir(run, epoch)
-    model = load_adapter(loaded.model, adapter)
+    model = _load_tuned(loaded.model, config.lora, adapter)
     return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch)
 
 
 def select_epoch(loaded_run: LoadedRun, epoch: int | None) -> LoadedRun:
-    """The same model with the adapter weights of ``epoch`` (loaded in place; no base reload)."""
+    """The same model with the trained weights of ``epoch`` (loaded in place; no base reload)."""
     if epoch is None or epoch == loaded_run.epoch:
         return loaded_run
     if loaded_run.epoch is None:
@@ -246,7 +260,7 @@ def select_epoch(loaded_run: LoadedRun, epoch: int | None) -> LoadedRun:
     path = adapter_dir(loaded_run.run, epoch)
     if not path.is_dir():
         raise RunError(f"{loaded_run.run} has no adapter for epoch {epoch}")
-    set_peft_model_state_dict(loaded_run.model, load_file(path / ADAPTER_WEIGHTS))
+    loaded_run.weights.load(path)
     loaded_run.model.eval()
     return dataclasses.replace(loaded_run, adapter=path, epoch=epoch)
 
@@ -260,6 +274,15 @@ def run_epochs(run: Path) -> Iterator[LoadedRun]:
     for epoch in epochs:
         loaded_run = select_epoch(loaded_run, epoch)
         yield loaded_run
+
+
+def _load_tuned(model: PreTrainedModel, settings: LoraSettings, folder: Path) -> PeftModel | PreTrainedModel:
+    """The base ``model`` with an epoch's trained weights: its peft adapter, or its full weights in place."""
+    if settings.tuning == "lora":
+        return load_adapter(model, folder)
+    FullWeights(model, settings.full_targets).load(folder)
+    model.eval()
+    return model
 
 
 def _spread(examples: Sequence[Example], count: int) -> list[Example]:
