@@ -53,7 +53,9 @@ def example_losses(
                 # The response tokens: the labels after each example's prompt (what loss_on=response keeps).
                 after_prompt = (
                     torch.arange(labels.shape[1], device=device)[None, :]
-                    >= torch.tensor([encoded[i].prompt_length for i in rows], device=device)[:, None]
+                    >= torch.tensor(
+                        [encoded[i].pad_prefix + encoded[i].prompt_length for i in rows], device=device
+                    )[:, None]
                 )
                 response_labels = labels.masked_fill(~after_prompt, IGNORE_INDEX)
                 with autocast(model):
