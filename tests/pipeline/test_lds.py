@@ -134,3 +134,26 @@ def test_other_subset_settings_in_the_same_folder_are_refused(measured: tuple[Pa
     code, _, err = run_cli(["lds", "--run", str(run), *LDS_ARGS, "--fraction", "0.25"], capsys)
     assert code == 2
     assert "holds subsets of fraction 0.5" in err
+
+
+def test_damping_sweep_reports_accuracy_coverage_and_lds_of_each_damping(measured: tuple[Path, dict]) -> None:
+    """The sweep's quality numbers are those of the method rescored at that damping, judged afresh."""
+    from llm_attribution.api import run_features
+    from llm_attribution.attribution.registry import get_method
+    from llm_attribution.evaluation.metrics import evaluate
+    from llm_attribution.workflows.diagnose import IhvpSweepSettings, diagnose_ihvp
+    from llm_attribution.workflows.runs import open_run
+
+    run, _ = measured
+    points, _ = diagnose_ihvp(run, IhvpSweepSettings(damping_scales=(0.01, 1.0), methods=("datainf",)))
+    task = open_run(run).task
+    train, test = run_features(run)
+    masks = subset_masks(16, 0.5, 0, range(SUBSETS))
+    losses = torch.stack([read_result(lds_subset_file(run, 0, i)).attributed for i in range(SUBSETS)])
+    for point in points:
+        scores = get_method("exact", damping_scale=point.damping_scale).score(train.blocks, test.blocks)
+        metrics = evaluate(scores, [e.label for e in task.train], [e.label for e in task.test])
+        quality = point.quality["exact"]
+        assert quality["accuracy"] == metrics.accuracy and quality["coverage"] == metrics.coverage
+        assert quality["lds"] == pytest.approx(float(np.nanmean(lds_per_test(scores, masks, losses))))
+    assert points[0].quality["exact"]["lds"] != points[1].quality["exact"]["lds"]  # the damping matters

@@ -249,6 +249,16 @@ def cmd_diagnose_ihvp(args: argparse.Namespace) -> int:
     for point in points:
         cells = "  ".join(f"{value(point):>{width}{fmt}}" for _, width, fmt, value in columns)
         print(f"{point.damping_scale:>8.3g}  " + cells)
+    judged = [*points[0].quality] if points and points[0].quality else []
+    if judged:
+        measures = list(points[0].quality[judged[0]])
+        print("\nwhat the damping does to the answers (" + ", ".join(measures) + "):")
+        print(f"{'damping':>8}  " + "  ".join(f"{n:>22}" for n in judged))
+        for point in points:
+            cells = "  ".join(
+                " / ".join(f"{point.quality[n][m]:.3f}" for m in measures).rjust(22) for n in judged
+            )
+            print(f"{point.damping_scale:>8.3g}  {cells}")
     print("err: median over blocks of ||approx - exact|| / ||exact||; err(span): the same inside the span of")
     print(
         "the block's training gradients (the part that moves scores); rho: mean Spearman over test examples"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import statistics
 import typing
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -213,6 +213,9 @@ class DampingPoint:
     rank_correlation_vs_exact: dict[str, float]
     relative_error_in_span: dict[str, float]  # medians over blocks, inside the training-gradient span
     cosine_vs_exact_in_span: dict[str, float]
+    # per method (exact included): what a judge said of its scores at this damping (accuracy, coverage,
+    # LDS where the run has retrained subsets); empty without a judge
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def damping_sweep(
@@ -222,9 +225,12 @@ def damping_sweep(
     methods: Sequence[str] = SWEPT_METHODS,
     options: Mapping[str, Mapping[str, object]] | None = None,
     max_test: int = 20,
+    judge: Callable[[torch.Tensor], dict[str, float]] | None = None,
 ) -> list[DampingPoint]:
     """The iHVP error and the rank agreement of ``methods`` at each damping scale (``options``: further
-    per-method settings, e.g. LiSSA's depth; the damping scale is the sweep's)."""
+    per-method settings, e.g. LiSSA's depth; the damping scale is the sweep's). ``judge`` maps a score
+    matrix to named quality numbers (the workflow's accuracy, coverage and LDS), recorded per method and
+    scale, so the sweep says what the damping does to the answers, not only to the iHVP error."""
     if not damping_scales or any(not scale > 0 for scale in damping_scales):
         raise ConfigError(f"damping scales must be positive numbers, got {list(damping_scales)}")
     unknown = sorted(set(methods) - {"datainf", "lissa", "lissa-study"})
@@ -267,6 +273,9 @@ def damping_sweep(
                     n: statistics.median(c["cosine_vs_exact_in_span"] for c in compared[n].values())
                     for n in methods
                 },
+                quality=(
+                    {n: judge(s) for n, s in {"exact": exact_scores, **scores}.items()} if judge else {}
+                ),
             )
         )
     return points

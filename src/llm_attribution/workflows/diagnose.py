@@ -8,15 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..core.settings import option, require, require_positive
 from ..core.storage import write_json_atomic
 from ..diagnostics.ihvp import SWEPT_METHODS, DampingPoint, damping_sweep
 from ..diagnostics.spectrum import BlockSpectrum, spectra, summarize_spectra
+from ..evaluation.metrics import evaluate
 from ..features.gradients import Features, GradientSettings
 from .attribute import AttributeSettings, parse_method_options
 from .convergence import EpochRow, convergence
 from .features import RunFeatures
-from .layout import diagnostic_file
+from .layout import diagnostic_file, saved_epochs
+from .lds import lds_measurements
 from .parameters import ParameterRow, parameters_vs_behaviour
 from .runs import open_run
 
@@ -107,14 +111,36 @@ def diagnose_spectrum(
 
 
 def diagnose_ihvp(run: Path, settings: IhvpSweepSettings) -> tuple[list[DampingPoint], Path]:
-    """The damping sweep of the iHVP error and rank agreement (:func:`~..diagnostics.ihvp.damping_sweep`)."""
+    """The damping sweep of the iHVP error and rank agreement (:func:`~..diagnostics.ihvp.damping_sweep`),
+    and at every scale each method's accuracy, coverage and, where the run has retrained LDS subsets (of
+    the last epoch), its LDS: does a damping that approximates better also answer better?"""
     options = parse_method_options(settings.methods, settings.method_options)
-    train, test = run_features(run, settings.epoch)
+    loaded_run = open_run(run, settings.epoch)
+    config, task = loaded_run.config, loaded_run.task
+    train, test, _ = RunFeatures(loaded_run, config.prompt, GradientSettings(), config.model).in_memory()
+    last = loaded_run.epoch is not None and settings.epoch in (None, saved_epochs(run)[-1])
+    measured = lds_measurements(run, config.train.seed) if last else None
+    train_labels, test_labels = [e.label for e in task.train], [e.label for e in task.test]
+
+    def judge(scores: torch.Tensor) -> dict[str, float]:
+        metrics = evaluate(scores, train_labels, test_labels)
+        quality = {"accuracy": metrics.accuracy, "coverage": metrics.coverage}
+        if measured is not None:
+            quality["lds"] = measured.lds(scores)
+        return quality
+
     points = damping_sweep(
-        train.blocks, test.blocks, settings.damping_scales, settings.methods, options, settings.max_test
+        train.blocks,
+        test.blocks,
+        settings.damping_scales,
+        settings.methods,
+        options,
+        settings.max_test,
+        judge,
     )
     record: dict[str, Any] = {
         "epoch": settings.epoch,
+        "lds_subsets": None if measured is None else int(measured.masks.shape[0]),
         "methods": list(settings.methods),
         "method_options": options,
         "max_test": settings.max_test,

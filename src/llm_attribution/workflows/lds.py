@@ -40,7 +40,7 @@ from ..features.gradients import GradientSettings
 from ..features.losses import example_losses
 from .attribute import AttributeSettings, attribute_run
 from .layout import FINETUNE_FILE, LDS_FILE, SETTINGS_FILE, lds_dir, lds_subset_file, lds_work_dir
-from .retraining import RetrainJob, read_result, retrain_all
+from .retraining import RetrainJob, RetrainResult, read_result, retrain_all
 from .runs import open_run
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,40 @@ def run_lds(
     }
     distributed.on_main(write_json_atomic, lds_dir(run) / LDS_FILE, out)
     return out
+
+
+@dataclass(frozen=True)
+class LdsMeasurements:
+    """The retrained subsets a run holds for its own seed: masks and the losses measured after each."""
+
+    masks: torch.Tensor  # [M, n_train] bool
+    attributed: torch.Tensor  # [M, n_test]
+    response: torch.Tensor  # [M, n_test]
+
+    def lds(self, scores: torch.Tensor, loss: str = "attributed") -> float:
+        """Mean LDS over test examples of ``scores`` against these retrains (NaN tests left out)."""
+        per_test = lds_per_test(scores, self.masks, getattr(self, loss))
+        return float(np.nanmean(per_test)) if not np.isnan(per_test).all() else float("nan")
+
+
+def lds_measurements(run: Path, seed: int) -> LdsMeasurements | None:
+    """The run's retrained subsets 0, 1, ... (as many as are done, in a row) for training seed ``seed``;
+    None when it has fewer than 3 (no rank correlation)."""
+    path = lds_dir(run) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    recorded = read_json(path)
+    results: list[RetrainResult] = []
+    while lds_subset_file(run, seed, len(results)).is_file():
+        results.append(read_result(lds_subset_file(run, seed, len(results))))
+    if len(results) < 3:
+        return None
+    masks = subset_masks(
+        recorded["n_train"], recorded["fraction"], recorded["subset_seed"], range(len(results))
+    )
+    return LdsMeasurements(
+        masks, torch.stack([r.attributed for r in results]), torch.stack([r.response for r in results])
+    )
 
 
 def _score_sources(
