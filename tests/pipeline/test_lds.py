@@ -157,3 +157,28 @@ def test_damping_sweep_reports_accuracy_coverage_and_lds_of_each_damping(measure
         assert quality["accuracy"] == metrics.accuracy and quality["coverage"] == metrics.coverage
         assert quality["lds"] == pytest.approx(float(np.nanmean(lds_per_test(scores, masks, losses))))
     assert points[0].quality["exact"]["lds"] != points[1].quality["exact"]["lds"]  # the damping matters
+
+
+def test_curvature_references_get_their_lds_beside_the_methods_on_the_same_rows(
+    measured: tuple[Path, dict], capsys
+) -> None:
+    from safetensors.torch import load_file
+
+    run, _ = measured
+    code, _, err = run_cli(
+        ["curvature", "--run", str(run), "--kinds", "fisher", "--test-examples", "3", "--quiet"], capsys
+    )
+    assert code == 0, err
+    code, out, err = run_cli(["lds", "--run", str(run), *LDS_ARGS, "--json"], capsys)
+    assert code == 0, err
+    reference = json.loads(out)["losses"]["attributed"]["curvature_references"]["fisher"]
+    tensors = load_file(run / "curvature" / "fisher.safetensors")
+    rows = tensors["test_rows"].tolist()
+    masks = subset_masks(16, 0.5, 0, range(SUBSETS))
+    losses = torch.stack([read_result(lds_subset_file(run, 0, i)).attributed for i in range(SUBSETS)])
+    expected = lds_per_test(tensors["scores"].double(), masks, losses[:, rows])
+    assert np.allclose(reference["per_test"], expected) and reference["test_rows"] == rows
+    exact = load_file(run / "scores" / "exact.safetensors")["scores"][rows]
+    assert reference["same_rows"]["exact"] == pytest.approx(
+        float(np.nanmean(lds_per_test(exact, masks, losses[:, rows])))
+    )

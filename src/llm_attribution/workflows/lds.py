@@ -39,7 +39,15 @@ from ..evaluation.lds import (
 from ..features.gradients import GradientSettings
 from ..features.losses import example_losses
 from .attribute import AttributeSettings, attribute_run
-from .layout import FINETUNE_FILE, LDS_FILE, SETTINGS_FILE, lds_dir, lds_subset_file, lds_work_dir
+from .layout import (
+    FINETUNE_FILE,
+    LDS_FILE,
+    SETTINGS_FILE,
+    curvature_file,
+    lds_dir,
+    lds_subset_file,
+    lds_work_dir,
+)
 from .retraining import RetrainJob, RetrainResult, read_result, retrain_all
 from .runs import open_run
 
@@ -155,6 +163,8 @@ def run_lds(
             "full_data_mean_loss": float(getattr(full, kind).mean()),
             "subset_mean_loss": float(measured.mean()),
         }
+    for kind in LOSSES:
+        table[kind]["curvature_references"] = _references(run, sources, masks, losses[kind][seeds[0]])
     finetune_seconds = (
         read_json(run / FINETUNE_FILE).get("seconds") if (run / FINETUNE_FILE).is_file() else None
     )
@@ -242,6 +252,35 @@ def _score_sources(
     }
 
 
+def _references(
+    run: Path, sources: dict[str, torch.Tensor], masks: torch.Tensor, measured: torch.Tensor
+) -> dict[str, Any]:
+    """LDS of the curvature references ``llm-attr curvature`` left in the run (true Hessian, Gauss-Newton,
+    full Fisher, each solved for a few test examples), and, paired on the same test rows, every method's."""
+    path = curvature_file(run)
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    found: dict[str, Any] = {}
+    for kind, solved in record.get("kinds", {}).items():
+        tensors = load_file(run / solved["scores"])
+        rows = tensors["test_rows"].tolist()
+        reference = lds_per_test(tensors["scores"].double(), masks, measured[:, rows])
+        found[kind] = {
+            **_summary(reference),
+            "test_rows": rows,
+            "converged": solved["converged"],
+            "negative_curvature": solved["negative_curvature"],
+            "relative_residual": solved["relative_residual"],
+            "damping": solved["damping"]["lambda"],
+            "same_rows": {
+                name: float(np.nanmean(lds_per_test(matrix[rows], masks, measured[:, rows])))
+                for name, matrix in sources.items()
+            },
+        }
+    return found
+
+
 def _summary(per_test: np.ndarray) -> dict[str, Any]:
     return LdsSummary.of(per_test).to_dict()
 
@@ -267,6 +306,16 @@ def lds_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"{name:<16} {cell(row[0])}  {cell(row[1])}")
     ceiling = [record["losses"][kind]["noise_ceiling"] for kind in LOSSES]
     lines.append(f"{'noise ceiling':<16} {cell(ceiling[0])}  {cell(ceiling[1])}")
+    references = record["losses"]["attributed"].get("curvature_references", {})
+    for kind, entry in references.items():
+        state = "converged" if all(entry["converged"]) else "NOT converged"
+        if any(entry["negative_curvature"]):
+            state += ", negative curvature met"
+        paired = ", ".join(f"{name} {value:.3f}" for name, value in entry["same_rows"].items())
+        lines.append(
+            f"{kind + ' (CG)':<16} {cell(entry)}  on test rows {entry['test_rows']} ({state}); "
+            f"the same rows: {paired}"
+        )
     cost = record["cost"]
     lines.append(f"seconds per retrain: {cost['seconds_per_retrain']:.1f}")
     return lines
