@@ -182,3 +182,16 @@ def test_curvature_references_get_their_lds_beside_the_methods_on_the_same_rows(
     assert reference["same_rows"]["exact"] == pytest.approx(
         float(np.nanmean(lds_per_test(exact, masks, losses[:, rows])))
     )
+
+
+def test_report_shows_the_lds_table_and_figure(measured: tuple[Path, dict]) -> None:
+    from llm_attribution.workflows.report.build import build_report
+
+    run, record = measured
+    sections = {title: (text, figures) for title, text, figures in build_report(run, examples=0).sections}
+    title = next(t for t in sections if t.startswith("Ground truth: LDS"))
+    text, figures = sections[title]
+    exact = record["losses"]["attributed"]["methods"]["exact"]
+    assert f"| exact | {exact['mean']:.3f} [{exact['ci95'][0]:.3f}, {exact['ci95'][1]:.3f}]" in text
+    assert "noise ceiling" in text and next(iter(figures)).startswith("lds-")
+    assert next(iter(figures.values()))[:4] == b"\x89PNG"

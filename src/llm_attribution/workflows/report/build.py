@@ -37,6 +37,7 @@ from ..layout import (
 from ..runs import FinetuneConfig
 from ..study import judge_task
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
+from .ground_truth import ground_truth_sections
 from .published import published_table
 
 CUT = 80
@@ -110,6 +111,8 @@ def build_report(
         report.add("The study's 7B figures (official score files)", published_table(official_root, data_root))
     for run in _runs(folder):
         _diagnostics(report, run, folder)
+        for section in ground_truth_sections(run, run.relative_to(folder.parent)):
+            report.add(*section)
     first = _runs(folder)[:1]
     if first and examples > 0:
         report.add(

@@ -39,6 +39,29 @@ def grid_figure(tasks: Mapping[str, Mapping[str, Any]], metric: str) -> bytes:
     return _png(fig)
 
 
+def interval_bars_figure(
+    entries: Mapping[str, Mapping[str, Any]],
+    ylabel: str,
+    title: str,
+    reference: tuple[str, float] | None = None,
+) -> bytes:
+    """One bar per entry (``mean`` with its ``ci95`` interval), and a dashed line for a reference value."""
+    names = list(entries)
+    means = [entries[n]["mean"] for n in names]
+    low = [entries[n]["mean"] - entries[n]["ci95"][0] for n in names]
+    high = [entries[n]["ci95"][1] - entries[n]["mean"] for n in names]
+    fig, ax = plt.subplots(figsize=(0.8 * len(names) + 2.5, 3.2))
+    ax.bar(range(len(names)), means, yerr=[low, high], capsize=3)
+    if reference is not None:
+        ax.axhline(reference[1], linestyle="--", color="grey", label=reference[0])
+        ax.legend(fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
 def lines_figure(
     x: Sequence[float],
     series: Mapping[str, Sequence[float | None]],
