@@ -50,3 +50,4 @@ bench: install
 	$(BIN)/python benchmarks/distributed.py --model embedded --train 64 --test 8 --epochs 1 --repeats 1 \
 		--skip-default-threads --out docs/benchmarks.md
 	$(BIN)/python benchmarks/peers.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/retraining.py --out docs/benchmarks.md
