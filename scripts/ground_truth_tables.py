@@ -1,0 +1,80 @@
+"""Print the Markdown tables of docs/results/ground-truth-embedded.md from the runs of
+``scripts/ground_truth.sh``: per task, every method's LDS with its interval beside the noise ceiling and the
+controls, its accuracy and coverage beside it (the proxy), and the curvature references where a run has them.
+
+    python scripts/ground_truth_tables.py runs/gt [TASK ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def task_table(run: Path) -> str:
+    lds = json.loads((run / "lds" / "lds.json").read_text())
+    results = json.loads((run / "results.json").read_text())["methods"]
+    attributed, response = lds["losses"]["attributed"], lds["losses"]["response"]
+    lines = [
+        f"### {lds['task'].rsplit('/', 1)[-1]}: {lds['n_train']} training / {lds['n_test']} test examples, "
+        f"{lds['subsets']} subsets of {lds['subset_size']}, seeds {lds['seeds']}",
+        "",
+        "| method | LDS, attributed loss | LDS, response loss | accuracy | coverage |",
+        "|---|---|---|---|---|",
+    ]
+    for name in [*lds["methods"], *lds["controls"]]:
+        proxy = results.get(name)
+        accuracy = f"{proxy['accuracy']:.3f}" if proxy else "-"
+        coverage = f"{proxy['coverage']:.3f}" if proxy else "-"
+        lines.append(
+            f"| {name} | {_cell(attributed['methods'][name])} | {_cell(response['methods'][name])} | "
+            f"{accuracy} | {coverage} |"
+        )
+    lines.append(
+        f"| noise ceiling (seed {lds['seeds'][0]} vs {lds['seeds'][-1]}) | "
+        f"{_cell(attributed['noise_ceiling'])} | {_cell(response['noise_ceiling'])} | | |"
+    )
+    references = attributed.get("curvature_references", {})
+    if references:
+        lines += [
+            "",
+            "| curvature reference (CG) | test rows | LDS, attributed loss "
+            "| the same rows: exact, hessian-free, datainf | residual (max) | state |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kind, entry in references.items():
+            same = entry["same_rows"]
+            paired = ", ".join(f"{same[m]:.2f}" for m in ("exact", "hessian-free", "datainf") if m in same)
+            state = "converged" if all(entry["converged"]) else "not converged"
+            if any(entry["negative_curvature"]):
+                state += "; negative curvature"
+            lines.append(
+                f"| {kind} | {len(entry['test_rows'])} | {_cell(entry)} | {paired} | "
+                f"{max(entry['relative_residual']):.1e} | {state} |"
+            )
+    cost = lds["cost"]
+    lines += [
+        "",
+        f"Seconds per retrain: {cost['seconds_per_retrain']:.0f} (the run's fine-tune: "
+        f"{cost['finetune_seconds']:.0f} s).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(sys.argv[1])
+    tasks = sys.argv[2:] or sorted(p.parent.parent.name for p in root.glob("*/lds/lds.json"))
+    print("\n\n".join(task_table(root / task) for task in tasks))
+
+
+if __name__ == "__main__":
+    main()
