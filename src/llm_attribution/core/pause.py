@@ -8,7 +8,8 @@ worst moment for a crash. Unset (always, outside tests), a pause point costs one
 
 Points: ``finetune-step`` (after an optimizer step, before its checkpoint), ``features-shard`` (a shard's
 features computed, not yet written), ``scores-block`` (a gradient method's sum over one more LoRA block
-computed, not yet kept), ``scores-method`` (a method's scores computed, not yet written).
+computed, not yet kept), ``scores-method`` (a method's scores computed, not yet written),
+``retrain-result`` (a ground-truth retrain measured, its file not yet written).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections import Counter
 
 ENV = "LLM_ATTR_PAUSE_AT"
-POINTS = ("finetune-step", "features-shard", "scores-block", "scores-method")
+POINTS = ("finetune-step", "features-shard", "scores-block", "scores-method", "retrain-result")
 _calls: Counter[str] = Counter()
 
 
