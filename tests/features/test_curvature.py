@@ -29,12 +29,12 @@ from llm_attribution.features.curvature import (
 from llm_attribution.features.gradients import (
     GradientSettings,
     collect_features,
-    lora_modules,
     per_example_losses,
 )
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import lora_modules
 from tests.helpers import toy_task
 
 PROMPT = PromptSettings(max_length=32)
