@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from llm_attribution.evaluation.lds import spearman_rows
+from llm_attribution.evaluation.statistics import bootstrap_ci
+
 
 def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
@@ -61,6 +66,7 @@ def task_table(run: Path) -> str:
                 f"| {kind} | {len(entry['test_rows'])} | {_cell(entry)} | {paired} | "
                 f"{max(entry['relative_residual']):.1e} | {state} |"
             )
+    lines += ["", *_agreement(lds, results)]
     cost = lds["cost"]
     lines += [
         "",
@@ -68,6 +74,33 @@ def task_table(run: Path) -> str:
         f"{cost['finetune_seconds']:.0f} s).",
     ]
     return "\n".join(lines)
+
+
+def _agreement(lds: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """How the proxy ranks the methods against how LDS does, and paired LDS differences with Hessian-free
+    (the same test examples, so the interval is of the per-test difference)."""
+    methods = [m for m in lds["methods"] if m in results]
+    table = lds["losses"]["attributed"]["methods"]
+    means = np.array([[table[m]["mean"] for m in methods]])
+    agreement = {
+        metric: float(spearman_rows(means, np.array([[results[m][metric] for m in methods]]))[0])
+        for metric in ("accuracy", "coverage")
+    }
+    lines = [
+        f"Rank agreement over the {len(methods)} methods (Spearman of their mean LDS with their proxy): "
+        f"accuracy {agreement['accuracy']:.2f}, coverage {agreement['coverage']:.2f}.",
+        "",
+        "| paired with hessian-free (LDS, attributed loss) | mean difference [95% interval] |",
+        "|---|---|",
+    ]
+    base = np.array(table["hessian-free"]["per_test"])
+    for name in methods:
+        if name == "hessian-free":
+            continue
+        difference = np.array(table[name]["per_test"]) - base
+        low, high = bootstrap_ci(difference)
+        lines.append(f"| {name} - hessian-free | {np.nanmean(difference):+.3f} [{low:+.3f}, {high:+.3f}] |")
+    return lines
 
 
 def main() -> None:

@@ -263,7 +263,10 @@ def score_in_memory(job: ScoringJob, load: Callable[[], tuple[Features, Features
         ihvp = {}  # only rank 0 writes the record this feeds
     if ihvp is None:
         assert train is not None and test is not None
-        # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient).
+        # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient). A method
+        # whose scores were reused was never bound to the blocks' shapes, which EK-FAC needs.
+        for method in job.compared.values():
+            method.bind_shapes({**train.shapes, **test.shapes})
         per_block = compare_ihvp(
             train.blocks, test.blocks, job.compared, reference=job.compared["exact"], max_test=IHVP_TEST_ROWS
         )
