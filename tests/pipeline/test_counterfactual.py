@@ -23,6 +23,7 @@ from llm_attribution.workflows.counterfactual import (
     removal_order,
 )
 from llm_attribution.workflows.layout import counterfactual_dir
+from llm_attribution.workflows.report.build import build_report
 from tests.helpers import run_cli
 
 WORDS = ["apple", "river", "stone", "cloud", "maple", "ember"]
@@ -108,10 +109,7 @@ def test_removing_a_class_removes_its_behaviour_and_random_removal_does_not(
     assert [path.stat().st_mtime_ns for path in files] == stamps
     assert json.loads(out_again)["results"] == record["results"]
 
-
-def test_report_shows_the_removal_curves(learned_run: Path) -> None:
-    from llm_attribution.workflows.report.build import build_report
-
+    # The report shows the removal curves.
     sections = {title: figures for title, _, figures in build_report(learned_run, examples=0).sections}
     title = next(t for t in sections if t.startswith("Ground truth: remove and retrain"))
     assert next(iter(sections[title].values()))[:4] == b"\x89PNG"

@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,36 +181,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lds(args: argparse.Namespace) -> int:
+def _ground_truth(
+    args: argparse.Namespace,
+    workflow: Callable[..., dict[str, Any]],
+    settings: type,
+    lines: Callable[[dict[str, Any]], list[str]],
+    written: Path,
+) -> int:
+    """Run a retraining check (its own settings, then which methods and gradients) and print its table."""
     run = Path(args.run)
-    record = run_lds(
-        run,
-        from_args(LdsSettings, args),
-        from_args(AttributeSettings, args),
-        from_args(GradientSettings, args),
+    record = workflow(
+        run, from_args(settings, args), from_args(AttributeSettings, args), from_args(GradientSettings, args)
     )
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    print("\n".join(lds_lines(record)))
-    print(f"lds: {lds_dir(run) / LDS_FILE}")
+    print("\n".join(lines(record)))
+    print(f"{args.command}: {written}")
     return 0
+
+
+def cmd_lds(args: argparse.Namespace) -> int:
+    return _ground_truth(args, run_lds, LdsSettings, lds_lines, lds_dir(Path(args.run)) / LDS_FILE)
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> int:
-    run = Path(args.run)
-    record = run_counterfactual(
-        run,
-        from_args(CounterfactualSettings, args),
-        from_args(AttributeSettings, args),
-        from_args(GradientSettings, args),
-    )
-    if args.json:
-        print(json.dumps(record, indent=2))
-        return 0
-    print("\n".join(counterfactual_lines(record)))
-    print(f"counterfactual: {counterfactual_dir(run) / COUNTERFACTUAL_FILE}")
-    return 0
+    written = counterfactual_dir(Path(args.run)) / COUNTERFACTUAL_FILE
+    return _ground_truth(args, run_counterfactual, CounterfactualSettings, counterfactual_lines, written)
 
 
 def cmd_diagnose_spectrum(args: argparse.Namespace) -> int:

@@ -92,6 +92,8 @@ def _finetune_options(exclude_data: tuple[str, ...] = ()) -> tuple[Options, ...]
 
 
 ATTRIBUTION = (Options(AttributeSettings, "attribution"), Options(GradientSettings, "gradients"))
+# Checks against retrained models attribute the last epoch: the one a retrain reproduces.
+RETRAINED = (Options(AttributeSettings, "attribution", ("epoch",)), Options(GradientSettings, "gradients"))
 
 VERBS: tuple[Verb, ...] = (
     Verb(
@@ -168,11 +170,7 @@ VERBS: tuple[Verb, ...] = (
         "summed scores over a subset with minus the loss. Controls: constant, random and label-oracle "
         "scores. A killed lds continues with the next unfinished subset. " + SCORE_CONVENTION,
         (_run_folder("a run folder made by `llm-attr run` or `finetune`"), JSON),
-        (
-            Options(LdsSettings, "lds"),
-            Options(AttributeSettings, "attribution", ("epoch",)),
-            Options(GradientSettings, "gradients"),
-        ),
+        (Options(LdsSettings, "lds"), *RETRAINED),
     ),
     Verb(
         "counterfactual",
@@ -184,11 +182,7 @@ VERBS: tuple[Verb, ...] = (
         "Baselines: k random training examples, and k random examples of the group's own class. "
         "Resumable. " + SCORE_CONVENTION,
         (_run_folder("a run folder made by `llm-attr run` or `finetune`"), JSON),
-        (
-            Options(CounterfactualSettings, "counterfactual"),
-            Options(AttributeSettings, "attribution", ("epoch",)),
-            Options(GradientSettings, "gradients"),
-        ),
+        (Options(CounterfactualSettings, "counterfactual"), *RETRAINED),
     ),
     Verb(
         "diagnose spectrum",
