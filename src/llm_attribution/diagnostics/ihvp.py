@@ -25,6 +25,7 @@ from ..attribution.passes import TrainPasses
 from ..attribution.registry import get_method
 from ..core.errors import ConfigError
 from ..core.progress import progress
+from ..evaluation.lds import row_ranks
 
 REFERENCE = "__reference__"  # compare_ihvp's key for a reference method that is not among those compared
 
@@ -285,22 +286,7 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows (test examples) of the Spearman rank correlation of two score matrices' rows."""
     if a.shape != b.shape:
         raise ValueError(f"score matrices differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = row_ranks(a.double()), row_ranks(b.double())
     ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
     denominator = (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-300)
     return float(((ra * rb).sum(dim=1) / denominator).mean())
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks along each row, ties given their average rank (so a constant row has no ordering)."""
-    sorted_x, order = torch.sort(x, dim=1, stable=True)
-    n = x.shape[1]
-    positions = torch.arange(n, dtype=torch.float64).expand_as(x)
-    # Average the positions within each run of equal values: first/last index of the run, per element.
-    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
-    run_id = new_run.cumsum(dim=1) - 1
-    first = torch.zeros_like(positions).scatter_reduce(1, run_id, positions, "amin", include_self=False)
-    last = torch.zeros_like(positions).scatter_reduce(1, run_id, positions, "amax", include_self=False)
-    averaged = (first.gather(1, run_id) + last.gather(1, run_id)) / 2
-    return torch.empty_like(averaged).scatter_(1, order, averaged)

@@ -50,12 +50,26 @@ def subset_masks(n_train: int, fraction: float, seed: int, indices: Sequence[int
     return masks
 
 
+def row_ranks(x: torch.Tensor) -> torch.Tensor:
+    """0-based ranks along each row of a 2-d tensor, ties given their average rank, by one sort (so a
+    constant row has no ordering)."""
+    sorted_x, order = torch.sort(x, dim=1, stable=True)
+    positions = torch.arange(x.shape[1], dtype=torch.float64).expand_as(x)
+    # Average the positions within each run of equal values: first/last index of the run, per element.
+    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    run_id = new_run.cumsum(dim=1) - 1
+    first = torch.zeros_like(positions).scatter_reduce(1, run_id, positions, "amin", include_self=False)
+    last = torch.zeros_like(positions).scatter_reduce(1, run_id, positions, "amax", include_self=False)
+    averaged = (first.gather(1, run_id) + last.gather(1, run_id)) / 2
+    return torch.empty_like(averaged).scatter_(1, order, averaged)
+
+
 def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks (1-based) along the last axis, ties sharing their average rank, in one comparison array."""
-    x = np.asarray(values, dtype=np.float64)
-    below = (x[..., None, :] < x[..., :, None]).sum(axis=-1)
-    equal = (x[..., None, :] == x[..., :, None]).sum(axis=-1)
-    return below + (equal + 1) / 2.0
+    """Ranks (1-based) along the last axis, ties sharing their average rank."""
+    x = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    flat = x.reshape(-1, x.shape[-1])
+    return (row_ranks(flat) + 1.0).reshape(x.shape).numpy()
 
 
 def spearman_rows(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -77,7 +91,7 @@ def spearman_rows(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = (rp * rm).sum(axis=1) / (norm_p * norm_m)
     rho[norm_p == 0] = 0.0
-    rho[norm_m == 0] = np.nan
+    rho[(norm_m == 0) | np.isnan(m).any(axis=1)] = np.nan  # a loss not measured on some subset: undefined
     return rho
 
 

@@ -145,23 +145,13 @@ def run_counterfactual(
     }
     full = example_losses(loaded_run.model, loaded_run.tokenizer, task.test, config.prompt)
     rows = sorted({row for group in groups for row in group.tests})
-    full_answers = (
-        dict(
-            zip(
-                rows,
-                generate_answers(
-                    loaded_run.model,
-                    loaded_run.tokenizer,
-                    [task.test[i].prompt for i in rows],
-                    config.prompt,
-                    ANSWER_TOKENS,
-                ),
-                strict=True,
-            )
+    full_answers: dict[int, str] = {}
+    if settings.behaviour:
+        prompts = [task.test[i].prompt for i in rows]
+        generated = generate_answers(
+            loaded_run.model, loaded_run.tokenizer, prompts, config.prompt, ANSWER_TOKENS
         )
-        if settings.behaviour
-        else {}
-    )
+        full_answers = dict(zip(rows, generated, strict=True))
     plans: dict[tuple[int, str, int], torch.Tensor] = {}  # (group, source, k) -> removed training rows
     for group in groups:
         orders = {name: removal_order(matrix, group) for name, matrix in scores.items()}
@@ -205,8 +195,9 @@ def run_counterfactual(
             "seconds": result.seconds,
         }
         if settings.behaviour:
-            judged = judge_labels([result.answers[i] for i in tests], task.train)
-            entry["behaviour_rate"] = float(np.mean([label == group.label for label in judged]))
+            entry["behaviour_rate"] = _behaviour_rate(
+                [result.answers[i] for i in tests], task.train, group.label
+            )
         table.append(entry)
     out: dict[str, Any] = {
         "what": (
@@ -227,14 +218,7 @@ def run_counterfactual(
                 "n_train_of_class": sum(e.label == g.label for e in task.train),
                 "full_response_loss": float(full.response[list(g.tests)].nanmean()),
                 "full_behaviour_rate": (
-                    float(
-                        np.mean(
-                            [
-                                label == g.label
-                                for label in judge_labels([full_answers[i] for i in g.tests], task.train)
-                            ]
-                        )
-                    )
+                    _behaviour_rate([full_answers[i] for i in g.tests], task.train, g.label)
                     if settings.behaviour
                     else None
                 ),
@@ -251,6 +235,11 @@ def run_counterfactual(
     }
     distributed.on_main(write_json_atomic, counterfactual_dir(run) / COUNTERFACTUAL_FILE, out)
     return out
+
+
+def _behaviour_rate(answers: list[str], train: Sequence[Example], label: str) -> float:
+    """The share of ``answers`` the behaviour judge reads as ``label``'s behaviour."""
+    return float(np.mean([judged == label for judged in judge_labels(answers, train)]))
 
 
 def _mean_change(after: torch.Tensor, before: torch.Tensor, rows: list[int]) -> float:
