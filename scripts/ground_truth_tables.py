@@ -40,8 +40,11 @@ def task_table(run: Path) -> str:
         proxy = results.get(name)
         accuracy = f"{proxy['accuracy']:.3f}" if proxy else "-"
         coverage = f"{proxy['coverage']:.3f}" if proxy else "-"
+        shown = name
+        if name == "lissa" and proxy and "depth" in proxy.get("settings", {}):
+            shown = f"lissa (depth {proxy['settings']['depth']}, a partial sum)"
         lines.append(
-            f"| {name} | {_cell(attributed['methods'][name])} | {_cell(response['methods'][name])} | "
+            f"| {shown} | {_cell(attributed['methods'][name])} | {_cell(response['methods'][name])} | "
             f"{accuracy} | {coverage} |"
         )
     lines.append(
