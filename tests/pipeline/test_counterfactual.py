@@ -20,6 +20,8 @@ from llm_attribution.workflows.counterfactual import (
     Group,
     baseline_orders,
     choose_groups,
+    draw_source,
+    group_cells,
     removal_order,
 )
 from llm_attribution.workflows.layout import counterfactual_dir
@@ -63,6 +65,11 @@ def test_groups_orders_and_baselines() -> None:
     assert sorted(orders[RANDOM].tolist()) == [0, 1, 2, 3, 4]
     assert sorted(orders[SAME_CLASS].tolist()) == [0, 2, 4]
     assert torch.equal(baseline_orders(train, groups[0], seed=0)[RANDOM], orders[RANDOM])
+    # Another draw is another permutation of the same rows (seeded, so it is the same on a rerun).
+    other = [baseline_orders(train, groups[0], seed=0, draw=d)[RANDOM].tolist() for d in range(1, 6)]
+    assert all(sorted(order) == [0, 1, 2, 3, 4] for order in other)
+    assert any(order != orders[RANDOM].tolist() for order in other)
+    assert draw_source(RANDOM, 0) == RANDOM and draw_source(RANDOM, 2) == "random-draw2"
     with pytest.raises(Exception, match="no test example has label 'z'"):
         choose_groups(test, CounterfactualSettings(labels=("z",)))
 
@@ -108,6 +115,25 @@ def test_removing_a_class_removes_its_behaviour_and_random_removal_does_not(
     assert code == 0, err
     assert [path.stat().st_mtime_ns for path in files] == stamps
     assert json.loads(out_again)["results"] == record["results"]
+
+
+def test_random_baselines_drawn_several_times(learned_run: Path, capsys) -> None:
+    argv = ["counterfactual", "--run", str(learned_run), "--labels", "c0", "--k", "8", "--draws", "2"]
+    code, out, err = run_cli([*argv, "--methods", "hessian-free", "--quiet", "--json"], capsys)
+    assert code == 0, err
+    record = json.loads(out)
+    randoms = [e for e in record["results"] if e["source"] == RANDOM]
+    assert sorted(e["draw"] for e in randoms) == [0, 1]
+    assert randoms[0]["removed_ids"] != randoms[1]["removed_ids"]
+    # Removing the whole class is the same set in every draw: retrained once.
+    assert [e["draw"] for e in record["results"] if e["source"] == SAME_CLASS] == [0]
+    (summary,) = [row for row in record["baseline_draws"] if row["source"] == RANDOM]
+    changes = [e["response_loss_change"] for e in randoms]
+    assert summary["draws"] == 2
+    assert summary["response_loss_change"]["mean"] == pytest.approx(sum(changes) / 2)
+    assert summary["response_loss_change"]["min"] == min(changes)
+    assert group_cells(record, "c0")[(RANDOM, 8)]["response_loss_change"] == pytest.approx(sum(changes) / 2)
+    assert group_cells(record, "c0")[("hessian-free", 8)]["removed_ids"]  # a method's own entry
 
     # The report shows the removal curves.
     sections = {title: figures for title, _, figures in build_report(learned_run, examples=0).sections}

@@ -8,8 +8,10 @@ by their scores summed over the group's test examples; its top k are removed and
 is fine-tuned again on the rest with the run's settings and seed (:mod:`.retraining`). Measured on the
 group: the change of the mean response loss against the full-data model (higher = the removed examples
 supported the behaviour), and the share of greedy answers that the behaviour judge reads as the group's
-label (the behaviour itself). Cost: groups x k values x (methods + 2 baselines) retrains, each of about one
-fine-tune (the random baselines are nested: the k random examples are the first k of one permutation).
+label (the behaviour itself). Cost: groups x k values x (methods + 2 x draws baselines) retrains, each of
+about one fine-tune (the random baselines are nested: the k random examples of a draw are the first k of
+one permutation). With ``--draws D`` each baseline is drawn D times and the table gives their mean and
+spread, so that a method's effect can be read against the variation of random removals.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class CounterfactualSettings:
     )
     groups: int = option(2, "test groups (one per test label) when --labels is not given")
     seed: int = option(0, "seed of the group choice and of the random baselines")
+    draws: int = option(
+        1,
+        "independent draws of each random baseline (the table gives their mean and spread)",
+        recorded_at_default=False,
+    )
     behaviour: bool = option(True, "generate greedy answers after each retrain and judge their behaviour")
     workers: int = option(1, "retrain this many at once, in worker processes", recorded=False)
 
@@ -70,6 +77,7 @@ class CounterfactualSettings:
             require_positive("k", k)
         require(len(set(self.k)) == len(self.k), "--k lists a number twice")
         require_positive("groups", self.groups)
+        require_positive("draws", self.draws)
         require_positive("workers", self.workers)
 
 
@@ -109,14 +117,23 @@ def removal_order(scores: torch.Tensor, group: Group) -> torch.Tensor:
     return torch.argsort(total, descending=True, stable=True)
 
 
-def baseline_orders(train: Sequence[Example], group: Group, seed: int) -> dict[str, torch.Tensor]:
-    """A random permutation of all training rows, and one of the rows of the group's class."""
+def baseline_orders(
+    train: Sequence[Example], group: Group, seed: int, draw: int = 0
+) -> dict[str, torch.Tensor]:
+    """A random permutation of all training rows, and one of the rows of the group's class; ``draw``
+    indexes independent permutations (draw 0 is the one a single-draw table uses)."""
     everything = torch.randperm(
-        len(train), generator=torch.Generator().manual_seed(block_seed(seed, f"{group.label}/random", 0))
+        len(train), generator=torch.Generator().manual_seed(block_seed(seed, f"{group.label}/random", draw))
     )
     own = torch.tensor([row for row, e in enumerate(train) if e.label == group.label], dtype=torch.int64)
-    generator = torch.Generator().manual_seed(block_seed(seed, f"{group.label}/same-class", 0))
+    generator = torch.Generator().manual_seed(block_seed(seed, f"{group.label}/same-class", draw))
     return {RANDOM: everything, SAME_CLASS: own[torch.randperm(len(own), generator=generator)]}
+
+
+def draw_source(source: str, draw: int) -> str:
+    """The name a baseline's result files carry: draw 0 keeps the bare name, so single-draw folders stay
+    valid."""
+    return source if draw == 0 else f"{source}-draw{draw}"
 
 
 def run_counterfactual(
@@ -153,13 +170,18 @@ def run_counterfactual(
         )
         full_answers = dict(zip(rows, generated, strict=True))
     plans: dict[tuple[int, str, int], torch.Tensor] = {}  # (group, source, k) -> removed training rows
+    draws: dict[str, tuple[str, int]] = {}  # file source -> (baseline, draw)
     for group in groups:
         orders = {name: removal_order(matrix, group) for name, matrix in scores.items()}
-        orders.update(baseline_orders(task.train, group, settings.seed))
+        for draw in range(settings.draws):
+            for baseline, order in baseline_orders(task.train, group, settings.seed, draw).items():
+                orders[draw_source(baseline, draw)] = order
+                draws[draw_source(baseline, draw)] = (baseline, draw)
         for source, order in orders.items():
             for k in settings.k:
-                if source == SAME_CLASS and k > len(order):
-                    continue  # fewer training examples of the class than k: no such baseline
+                drawn = draws.get(source, (source, 0))
+                if drawn[0] == SAME_CLASS and (k > len(order) or (k == len(order) and drawn[1] > 0)):
+                    continue  # more than the class has: no such baseline; all of it: one draw is enough
                 plans[(group.index, source, k)] = order[:k]
     jobs = {
         key: RetrainJob(
@@ -182,9 +204,10 @@ def run_counterfactual(
             raise RunError(f"{job.out} was retrained on other examples; delete it and run again")
         group = groups[key[0]]
         tests = list(group.tests)
+        source, draw = draws.get(key[1], (key[1], None))
         entry: dict[str, Any] = {
             "group": group.label,
-            "source": key[1],
+            "source": source,
             "k": key[2],
             "removed_ids": [task.train[i].id for i in plans[key].tolist()],
             "removed_share_of_class": float(
@@ -198,6 +221,8 @@ def run_counterfactual(
             entry["behaviour_rate"] = _behaviour_rate(
                 [result.answers[i] for i in tests], task.train, group.label
             )
+        if draw is not None:
+            entry["draw"] = draw
         table.append(entry)
     out: dict[str, Any] = {
         "what": (
@@ -226,6 +251,7 @@ def run_counterfactual(
             for g in groups
         ],
         "results": table,
+        "baseline_draws": summarise_draws(table),
         "cost": {
             "retrains": len(jobs),
             "seconds_per_retrain": float(np.mean([entry["seconds"] for entry in table])),
@@ -235,6 +261,29 @@ def run_counterfactual(
     }
     distributed.on_main(write_json_atomic, counterfactual_dir(run) / COUNTERFACTUAL_FILE, out)
     return out
+
+
+def summarise_draws(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per group, baseline and k: the mean, standard deviation and range of the draws' changes."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for entry in table:
+        if "draw" in entry:
+            cells.setdefault((entry["group"], entry["source"], entry["k"]), []).append(entry)
+    summary = []
+    for (group, source, k), entries in cells.items():
+        row: dict[str, Any] = {"group": group, "source": source, "k": k, "draws": len(entries)}
+        for measure in ("response_loss_change", "attributed_loss_change", "behaviour_rate"):
+            values = np.array([e[measure] for e in entries if measure in e], dtype=float)
+            if len(values) == 0:
+                continue
+            row[measure] = {
+                "mean": float(values.mean()),
+                "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "min": float(values.min()),
+                "max": float(values.max()),
+            }
+        summary.append(row)
+    return summary
 
 
 def _behaviour_rate(answers: list[str], train: Sequence[Example], label: str) -> float:
@@ -258,7 +307,7 @@ def counterfactual_lines(record: dict[str, Any]) -> list[str]:
             f"examples of its class; full data: response loss {group['full_response_loss']:.3f}{shown}"
         )
         lines.append("    k  " + "  ".join(f"{s:>18}" for s in sources))
-        found = {(e["source"], e["k"]): e for e in record["results"] if e["group"] == group["label"]}
+        found = group_cells(record, group["label"])
         for k in record["settings"]["k"]:
             cells = []
             for source in sources:
@@ -273,4 +322,28 @@ def counterfactual_lines(record: dict[str, Any]) -> list[str]:
                 cells[-1] = cells[-1].rjust(18)
             lines.append(f"{k:>5}  " + "  ".join(cells))
     lines.append("cells: mean response-loss change after removal (behaviour rate after removal)")
+    spread = [row for row in record.get("baseline_draws", []) if row["draws"] > 1]
+    if spread:
+        lines.append(
+            "baselines: the mean over their draws; the draws' spread (sd, range of the loss change):"
+        )
+        for row in spread:
+            change = row["response_loss_change"]
+            lines.append(
+                f"    {row['group']!r} {row['source']} k={row['k']}: {row['draws']} draws, sd "
+                f"{change['sd']:.3f}, range [{change['min']:+.3f}, {change['max']:+.3f}]"
+            )
     return lines
+
+
+def group_cells(record: dict[str, Any], label: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """(source, k) -> the cell shown for one group: a method's entry, or a baseline's mean over draws."""
+    found = {(e["source"], e["k"]): e for e in record["results"] if e["group"] == label and "draw" not in e}
+    for row in record.get("baseline_draws", []):
+        if row["group"] == label:
+            found[(row["source"], row["k"])] = {
+                measure: row[measure]["mean"]
+                for measure in ("response_loss_change", "attributed_loss_change", "behaviour_rate")
+                if measure in row
+            } | {"draws": row["draws"]}
+    return found

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.storage import read_json
+from ..counterfactual import group_cells
 from ..layout import COUNTERFACTUAL_FILE, LDS_FILE, counterfactual_dir, lds_dir
 from .figures import interval_bars_figure, panels_figure
 
@@ -70,7 +71,7 @@ def _counterfactual(record: dict[str, Any], run: Path, where: Path) -> tuple[str
     figures: dict[str, bytes] = {}
     lines = [record["what"] + ".", ""]
     for index, group in enumerate(record["groups"]):
-        found = {(e["source"], e["k"]): e for e in record["results"] if e["group"] == group["label"]}
+        found = group_cells(record, group["label"])
 
         def series(measure: str, found: dict = found) -> dict[str, list[float | None]]:
             return {s: [found[(s, k)].get(measure) if (s, k) in found else None for k in ks] for s in sources}
