@@ -204,7 +204,7 @@ def run_counterfactual(
             raise RunError(f"{job.out} was retrained on other examples; delete it and run again")
         group = groups[key[0]]
         tests = list(group.tests)
-        source, draw = draws.get(key[1], (key[1], None))
+        source, draw = draws.get(key[1], (key[1], -1))  # -1: a method, not a drawn baseline
         entry: dict[str, Any] = {
             "group": group.label,
             "source": source,
@@ -221,7 +221,7 @@ def run_counterfactual(
             entry["behaviour_rate"] = _behaviour_rate(
                 [result.answers[i] for i in tests], task.train, group.label
             )
-        if draw is not None:
+        if draw >= 0:
             entry["draw"] = draw
         table.append(entry)
     out: dict[str, Any] = {
