@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from llm_attribution.evaluation.grid import per_class_markdown
+from llm_attribution.evaluation.statistics import wilson_interval
 from llm_attribution.features import store as store_module
 from llm_attribution.workflows import runs as pipeline_module
 from tests.helpers import run_cli
@@ -53,7 +57,32 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
                 assert m["ci_low"] <= m["mean"] <= m["ci_high"], (task, method, metric)
                 assert m["seeds"]["n"] == 2
             assert set(cell["accuracy"]["per_class"]) <= {"clean", "trigger"} or task == "grammars"
+            # The interval resamples both seeds, and accuracy's is no narrower than its Wilson interval.
+            accuracy = cell["accuracy"]
+            assert np.asarray(accuracy["per_seed_test"]).shape == (2, 10)
+            assert "2 seed(s)" in accuracy["interval"]
+            low, high = accuracy["wilson"]
+            assert accuracy["ci_low"] <= low and high <= accuracy["ci_high"]
+            per_test = np.mean(accuracy["per_seed_test"], axis=0)
+            assert accuracy["wilson"] == pytest.approx(list(wilson_interval(per_test.sum(), 10)))
+            coverage = cell["coverage"]
+            assert 0 < coverage["cap"] <= 1 and coverage["mean"] <= coverage["cap"] + 1e-9
+            assert cell["coverage_normalised"]["mean"] >= coverage["mean"] - 1e-9
+        # Every pair of methods, on both metrics, with a paired interval around its mean difference.
+        pairs = record["paired"][task]
+        assert len(pairs) == 3 * 2
+        for pair in pairs:
+            a, b = record["tasks"][task][pair["a"]], record["tasks"][task][pair["b"]]
+            assert pair["mean"] == pytest.approx(a[pair["metric"]]["mean"] - b[pair["metric"]]["mean"])
+            assert pair["ci_low"] <= pair["mean"] <= pair["ci_high"]
+        run = json.loads((out / task / "seed-0" / "results.json").read_text())
+        for method in ("hessian-free", "datainf", "repsim"):
+            kept = run["methods"][method]["intervals"]
+            assert kept["accuracy"][0] <= run["methods"][method]["accuracy"] <= kept["accuracy"][1]
+            assert kept["coverage_k"] == run["methods"][method]["k"]
+        assert len(run["paired"]) == 3 * 2
     assert "| backdoor | repsim |" in stdout
+    assert "| best by coverage | minus |" in stdout
 
     # Rerunning the same command trains nothing and collects no feature again.
     calls: list[str] = []

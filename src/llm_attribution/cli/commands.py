@@ -17,7 +17,7 @@ from ..api import attribute, evaluate
 from ..core.errors import UserError
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
-from ..evaluation.grid import study_markdown
+from ..evaluation.grid import paired_markdown, study_markdown
 from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
@@ -167,6 +167,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if record["missing_cells"]:
         print(f"not yet run (left out of the table): {', '.join(record['missing_cells'])}")
     print(study_markdown(record))
+    print()
+    print(paired_markdown(record))
     print(SCORE_CONVENTION)
     print(f"study: {out / STUDY_FILE}")
     return 0

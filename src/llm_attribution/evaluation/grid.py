@@ -1,7 +1,8 @@
-"""The study's grid judged: per method, per-test metrics averaged over fine-tuning seeds, 95% bootstrap
-intervals over test examples, the spread over seeds and per-class means; and the grid as Markdown.
-Scores are matrices here (HIGHER = the training example supports the test output more): reading them
-from run folders is the study workflow's job.
+"""The study's grid judged: per method, per-test metrics averaged over fine-tuning seeds, 95% intervals
+that carry both the seeds' and the test examples' noise (a crossed bootstrap; accuracy's also no narrower
+than its Wilson interval), coverage beside its cap, the spread over seeds and per-class means; paired
+differences between methods; and the grid as Markdown. Scores are matrices here (HIGHER = the training
+example supports the test output more): reading them from run folders is the study workflow's job.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from .metrics import coverage_caps
 from .ranking import ranking_metrics
-from .statistics import bootstrap_ci, per_class, seed_spread
+from .statistics import interval, paired_difference, per_class, seed_spread, wilson_interval
 
-METRICS = ("accuracy", "coverage", "auc", "average_precision", "reciprocal_rank", "precision_at_10")
+METRICS = (
+    "accuracy",
+    "coverage",
+    "coverage_normalised",
+    "auc",
+    "average_precision",
+    "reciprocal_rank",
+    "precision_at_10",
+)
+PAIRED_METRICS = ("accuracy", "coverage")
 
 
 @dataclass(frozen=True)
@@ -34,9 +45,13 @@ def judge_method(seeds: Sequence[SeedScores]) -> dict[str, Any]:
     per_seed: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
     for seed in seeds:
         ranking = ranking_metrics(seed.scores, seed.train_labels, seed.test_labels, precision_ks=(10,))
+        caps = coverage_caps(seed.train_labels, seed.test_labels, ranking.k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            normalised = np.where(caps > 0, ranking.coverage / caps, np.nan)
         values = {
             "accuracy": ranking.hit.astype(float),
             "coverage": ranking.coverage,
+            "coverage_normalised": normalised,
             "auc": ranking.auc,
             "average_precision": ranking.average_precision,
             "reciprocal_rank": ranking.reciprocal_rank,
@@ -45,38 +60,125 @@ def judge_method(seeds: Sequence[SeedScores]) -> dict[str, Any]:
         for name in METRICS:
             per_seed[name].append(values[name])
     test_labels = seeds[-1].test_labels if seeds else []
-    return {name: _metric_summary(per_seed[name], test_labels) for name in METRICS}
+    judged = {name: _metric_summary(per_seed[name], test_labels) for name in METRICS}
+    if seeds:
+        judged["coverage"]["k"] = ranking.k
+        judged["coverage"]["cap"] = float(caps.mean())  # the last seed's: every seed has the same split
+        _widen_to_wilson(judged["accuracy"])
+    return judged
 
 
 def _metric_summary(per_seed: list[np.ndarray], test_labels: Sequence[str]) -> dict[str, Any]:
-    # The test set is the same for every seed, so a test's value is averaged over seeds first and the
-    # interval is taken over test examples; the seed spread is reported beside it.
+    # The test set is the same for every seed, so the values form a [seeds, tests] matrix: a test's value
+    # is averaged over seeds for the mean and the per-class means, and the interval resamples seeds and
+    # tests (statistics.interval), so seed variance is in it. The matrix is kept so that every summary
+    # can be recomputed from the record.
     stacked = np.vstack(per_seed)
     per_test = np.nanmean(stacked, axis=0) if np.isfinite(stacked).any() else stacked[0]
-    low, high = bootstrap_ci(per_test)
+    low, high = interval(stacked)
     return {
         "mean": float(np.nanmean(per_test)) if np.isfinite(per_test).any() else float("nan"),
         "ci_low": low,
         "ci_high": high,
+        "interval": f"crossed bootstrap over {stacked.shape[0]} seed(s) and {stacked.shape[1]} tests",
         "seeds": seed_spread(
             [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in per_seed]
         ),
         "per_class": per_class(per_test, list(test_labels)),
+        "per_seed_test": [[None if np.isnan(x) else float(x) for x in row] for row in stacked],
     }
 
 
-def study_markdown(record: dict[str, Any]) -> str:
-    """The grid as a Markdown table: mean [95% CI] over test examples, and the seed standard deviation."""
+def run_intervals(judged: dict[str, Any]) -> dict[str, Any]:
+    """The part of one method's judgement a run's ``results.json`` keeps: accuracy's and coverage's 95%
+    intervals (over test examples: a run has one seed), coverage's cap and the share of it reached."""
+    accuracy, coverage = judged["accuracy"], judged["coverage"]
+    return {
+        "accuracy": [accuracy["ci_low"], accuracy["ci_high"]],
+        "accuracy_wilson": accuracy["wilson"],
+        "coverage": [coverage["ci_low"], coverage["ci_high"]],
+        "coverage_k": coverage["k"],
+        "coverage_cap": coverage["cap"],
+        "coverage_normalised": judged["coverage_normalised"]["mean"],
+        "how": accuracy["interval"],
+    }
+
+
+def _widen_to_wilson(accuracy: dict[str, Any]) -> None:
+    """Accuracy's interval no narrower than its Wilson interval over the test examples: a bootstrap of
+    hits collapses to zero width at 0 and 1 (20 of 20), a binomial interval does not."""
+    per_test = np.nanmean(np.asarray(accuracy["per_seed_test"], dtype=np.float64), axis=0)
+    low, high = wilson_interval(float(per_test.sum()), per_test.size)
+    accuracy["wilson"] = [low, high]
+    accuracy["ci_low"], accuracy["ci_high"] = min(accuracy["ci_low"], low), max(accuracy["ci_high"], high)
+    accuracy["interval"] += ", widened to the Wilson interval"
+
+
+def paired_differences(judged: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every ordered pair of methods (A listed before B), per metric of :data:`PAIRED_METRICS`: the mean
+    of A minus B with its 95% interval from resampling the same seeds and tests for both."""
+    names = list(judged)
+    pairs = []
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            for metric in PAIRED_METRICS:
+                a = np.asarray(judged[first][metric]["per_seed_test"], dtype=np.float64)
+                b = np.asarray(judged[second][metric]["per_seed_test"], dtype=np.float64)
+                found = paired_difference(a, b)
+                pairs.append(
+                    {
+                        "a": first,
+                        "b": second,
+                        "metric": metric,
+                        "mean": found.mean,
+                        "ci_low": found.low,
+                        "ci_high": found.high,
+                        "resolved": found.resolved,
+                    }
+                )
+    return pairs
+
+
+def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
+    """Per task, the method with the highest mean ``metric`` against each other method: the paired
+    difference [95% interval], and whether the interval excludes 0."""
     lines = [
-        "| task | method | accuracy [95% CI] | coverage [95% CI] | AUC | AUPRC | MRR | P@10 | seed sd |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| task | best by {metric} | minus | difference [95% CI] | resolved |",
+        "|---|---|---|---|---|",
+    ]
+    for task, pairs in record.get("paired", {}).items():
+        methods = record["tasks"][task]
+        best = max(methods, key=lambda m: methods[m][metric]["mean"])
+        for pair in pairs:
+            if pair["metric"] != metric or best not in (pair["a"], pair["b"]):
+                continue
+            sign, other = (1.0, pair["b"]) if pair["a"] == best else (-1.0, pair["a"])
+            low, high = sorted((sign * pair["ci_low"], sign * pair["ci_high"]))
+            lines.append(
+                f"| {task} | {best} | {other} | {sign * pair['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                f"{'yes' if pair['resolved'] else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def study_markdown(record: dict[str, Any]) -> str:
+    """The grid as a Markdown table: mean [95% CI over seeds and test examples], coverage's cap and the
+    coverage it reaches of its cap, and the seed standard deviation."""
+    lines = [
+        "| task | method | accuracy [95% CI] | coverage [95% CI] | coverage cap | coverage / cap | AUC | "
+        "AUPRC | MRR | P@10 | seed sd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, methods in record["tasks"].items():
         for method, m in methods.items():
             acc, cov = m["accuracy"], m["coverage"]
+            normalised = m.get("coverage_normalised")  # absent from records made before it existed
+            cap = f"{cov['cap']:.3f}" if "cap" in cov else "-"
+            shown = "-" if normalised is None else f"{normalised['mean']:.3f}"
             lines.append(
                 f"| {task} | {method} | {acc['mean']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] | "
-                f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {m['auc']['mean']:.3f} | "
+                f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {cap} | {shown} | "
+                f"{m['auc']['mean']:.3f} | "
                 f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "
                 f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} "
                 f"(n={int(acc['seeds']['n'])}) |"

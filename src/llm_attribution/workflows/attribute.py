@@ -20,6 +20,7 @@ from ..core.settings import base_type, field_types, option, require, require_pos
 from ..core.storage import read_json, write_json_atomic
 from ..core.versions import package_versions
 from ..data.templates import PromptSettings
+from ..evaluation.grid import SeedScores, judge_method, paired_differences, run_intervals
 from ..features.gradients import Features, GradientSettings
 from ..models.settings import ModelSettings
 from ..scoring.engine import ScoringJob, score_in_memory, score_streamed
@@ -184,6 +185,13 @@ def attribute_run(
                     else {}
                 ),
             }
+    judged = {
+        name: judge_method([SeedScores(job.store.read(name), job.train_labels, job.test_labels)])
+        for name in record["methods"]
+    }
+    for name, metrics in judged.items():
+        record["methods"][name]["intervals"] = run_intervals(metrics)
+    record["paired"] = paired_differences(judged)
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",

@@ -20,7 +20,7 @@ from ..core.settings import option, require, to_dict
 from ..core.storage import write_json_atomic
 from ..core.versions import package_versions
 from ..data.loaders import load_task
-from ..evaluation.grid import SeedScores, judge_method
+from ..evaluation.grid import SeedScores, judge_method, paired_differences
 from ..features.gradients import GradientSettings
 from ..scoring.store import ScoreStore
 from .attribute import AttributeSettings, attribute_run
@@ -94,10 +94,12 @@ def run_study(
                 "run": run,
                 "labels": ([e.label for e in task_data.train], [e.label for e in task_data.test]),
             }
+    judged = {task: judge_task(cells[task], attribute.methods) for task in study.tasks if cells[task]}
     record = {
         "convention": "higher score = the training example supports the test output more",
         "settings": {"study": to_dict(study), **base.to_dict(), "attribute": to_dict(attribute)},
-        "tasks": {task: judge_task(cells[task], attribute.methods) for task in study.tasks if cells[task]},
+        "tasks": judged,
+        "paired": {task: paired_differences(methods) for task, methods in judged.items()},
         "missing_cells": missing,
         "versions": package_versions(),
     }

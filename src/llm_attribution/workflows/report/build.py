@@ -23,7 +23,7 @@ from ...core.storage import read_json, write_bytes_atomic
 from ...data.builtin import BUILTIN_TASKS
 from ...data.loaders import load_task
 from ...data.schema import TaskData
-from ...evaluation.grid import per_class_markdown, study_markdown
+from ...evaluation.grid import paired_markdown, per_class_markdown, study_markdown
 from ...scoring.store import ScoreStore
 from ..layout import (
     REPORT_HTML,
@@ -101,11 +101,20 @@ def build_report(
         )
     report.add(
         "Attribution grid",
-        "Mean over test examples (and seeds), [95% bootstrap interval over test examples]; seed sd = "
-        "standard deviation of accuracy over fine-tuning seeds. "
+        "Mean over test examples (and seeds), [95% interval resampling seeds and test examples; accuracy's "
+        "no narrower than its Wilson interval]; coverage cap = the highest coverage any ranking can reach "
+        "with the task's class counts, coverage / cap = how much of it a method reaches; seed sd = "
+        "standard deviation of accuracy / coverage over fine-tuning seeds. "
         "Scores: higher = supports the test output more.\n\n" + study_markdown(record),
         {f"grid-{m}": grid_figure(record["tasks"], m) for m in ("accuracy", "coverage")},
     )
+    if record.get("paired"):
+        report.add(
+            "Is the best method better? Paired differences",
+            "Per task, the method with the highest coverage minus each other method, on the same seeds and "
+            "test examples (resampled together, so what they share cancels); resolved = the 95% interval "
+            "excludes 0.\n\n" + paired_markdown(record),
+        )
     report.add("Per-class breakdown", per_class_markdown(record))
     if official_root is not None and data_root is not None and official_root.is_dir():
         report.add("The study's 7B figures (official score files)", published_table(official_root, data_root))
