@@ -21,6 +21,7 @@ from ..core.storage import read_json, write_json_atomic
 from ..core.versions import package_versions
 from ..data.templates import PromptSettings
 from ..evaluation.grid import SeedScores, judge_method, paired_differences, run_intervals
+from ..evaluation.trust import trust_readings
 from ..features.gradients import Features, GradientSettings
 from ..models.settings import ModelSettings
 from ..scoring.engine import ScoringJob, score_in_memory, score_streamed
@@ -192,6 +193,8 @@ def attribute_run(
     for name, metrics in judged.items():
         record["methods"][name]["intervals"] = run_intervals(metrics)
     record["paired"] = paired_differences(judged)
+    for name, reading in trust_readings({name: job.store.read(name) for name in record["methods"]}).items():
+        record["methods"][name]["trust"] = reading
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",

@@ -7,6 +7,7 @@ the run's training examples by how much they support the answer. HIGHER score = 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ..core.settings import REQUIRED, option, require_positive
 from ..data.schema import Example
+from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals, verdict_of
 from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
@@ -39,14 +41,26 @@ class Ranked:
     response: str
 
 
+@dataclass(frozen=True)
+class Trust:
+    """How far one method's ranking for the query can be trusted, and what the verdict rests on."""
+
+    verdict: str  # high / medium / low, or unknown (one method: nothing to agree with)
+    agreement: float  # share of its top-k the other methods share
+    margin: float  # (mean of its top-k - mean of all) / std of all
+    predicted_lds: float
+    k: int  # the top-k the signals look at
+
+
 @dataclass
 class Explanation:
-    """The query, the answer loaded_run, and each method's top training examples (best first)."""
+    """The query, the answer explained, each method's top training examples (best first) and its trust."""
 
     prompt: str
     response: str
     generated: bool
     top: dict[str, list[Ranked]]
+    trust: dict[str, Trust] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +69,7 @@ class Explanation:
             "response": self.response,
             "generated": self.generated,
             "methods": {name: [r.__dict__ for r in rows] for name, rows in self.top.items()},
+            "trust": {name: dataclasses.asdict(trust) for name, trust in self.trust.items()},
         }
 
 
@@ -96,9 +111,29 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     test = features.collect([query], desc="query")
     train_examples = loaded_run.task.train
     ranked: dict[str, list[Ranked]] = {}
+    rows: dict[str, torch.Tensor] = {}
     for name, method in attribute.build_methods().items():
-        ranked[name] = _top(stream_scores(method, train, test)[0], train_examples, settings.top)
-    return Explanation(prompt, response, generated, ranked)
+        rows[name] = stream_scores(method, train, test)
+        ranked[name] = _top(rows[name][0], train_examples, settings.top)
+    return Explanation(prompt, response, generated, ranked, judge_trust(rows))
+
+
+def judge_trust(scores: dict[str, torch.Tensor]) -> dict[str, Trust]:
+    """Each method's verdict for the first test row of its scores, by the shipped calibration."""
+    model = shipped_trust_model()
+    if model is None:
+        return {}
+    found = {}
+    for name, signals in trust_signals(scores).items():
+        predicted = float(model.predict(signals)[0])
+        found[name] = Trust(
+            verdict_of(predicted, model.low, model.high),
+            float(signals.agreement[0]),
+            float(signals.margin[0]),
+            predicted,
+            trust_k(next(iter(scores.values())).shape[1]),
+        )
+    return found
 
 
 def _top(scores: torch.Tensor, examples: Sequence[Example], count: int) -> list[Ranked]:
@@ -128,6 +163,14 @@ def format_explanation(explanation: Explanation, width: int = 90) -> str:
             "",
             f"{name}: top {len(rows)} training examples (higher score = supports the response more)",
         ]
+        trust = explanation.trust.get(name)
+        if trust is not None and trust.verdict == "unknown":
+            lines.append("trust: unknown (a verdict needs the agreement of two or more methods)")
+        elif trust is not None:
+            lines.append(
+                f"trust: {trust.verdict} (predicted LDS {trust.predicted_lds:.2f}, from top-{trust.k} "
+                f"agreement with the other methods {trust.agreement:.2f} and score margin {trust.margin:.2f})"
+            )
         lines.append(f"{'rank':>4}  {'score':>10}  {'label':<14}  training example")
         for r in rows:
             text = _cut(f"{r.prompt} => {r.response}", width)
