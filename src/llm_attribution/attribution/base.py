@@ -20,7 +20,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -135,6 +135,11 @@ class Method(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
+
+    def notes(self) -> dict[str, Any]:
+        """What the last score matrix's computation says about itself, kept beside the scores and shown
+        with the method's name in tables (LiSSA: its depth and whether it converged); empty for most."""
+        return {}
 
 
 class InnerProductMethod(Method):

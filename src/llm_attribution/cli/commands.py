@@ -17,7 +17,7 @@ from ..api import attribute, evaluate
 from ..core.errors import UserError
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
-from ..evaluation.grid import paired_markdown, study_markdown
+from ..evaluation.grid import noted_name, paired_markdown, study_markdown
 from ..features.gradients import GradientSettings
 from ..models.finetune import TrainSettings
 from ..models.settings import LoraSettings, ModelSettings
@@ -119,6 +119,9 @@ def _print_methods(record: dict[str, Any]) -> None:
     print("method          accuracy  coverage  seconds")
     for name, row in record["methods"].items():
         print(f"{name:<14}  {row['accuracy']:>8.3f}  {row['coverage']:>8.3f}  {row['seconds']:>7.2f}")
+    for name, row in record["methods"].items():
+        if noted_name(name, row.get("notes")) != name:  # what a row's name alone would overstate
+            print(f"{name}: {noted_name(name, row.get('notes'))}")
     print(SCORE_CONVENTION)
 
 

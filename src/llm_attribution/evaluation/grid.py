@@ -7,7 +7,7 @@ example supports the test output more): reading them from run folders is the stu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +161,19 @@ def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
     return "\n".join(lines)
 
 
+def noted_name(name: str, notes: Mapping[str, Any] | None) -> str:
+    """A method's name as tables show it: with what its notes say it is (``lissa (depth 100, not
+    converged on 120 of 120 blocks)``), so that a row never claims more than was computed."""
+    if not notes or "depth" not in notes:
+        return name
+    if notes.get("converged", True):
+        return f"{name} (depth {notes['depth']}, converged)"
+    return (
+        f"{name} (depth {notes['depth']}, not converged on {notes['blocks_not_converged']} of "
+        f"{notes['blocks']} blocks)"
+    )
+
+
 def study_markdown(record: dict[str, Any]) -> str:
     """The grid as a Markdown table: mean [95% CI over seeds and test examples], coverage's cap and the
     coverage it reaches of its cap, and the seed standard deviation."""
@@ -176,7 +189,8 @@ def study_markdown(record: dict[str, Any]) -> str:
             cap = f"{cov['cap']:.3f}" if "cap" in cov else "-"
             shown = "-" if normalised is None else f"{normalised['mean']:.3f}"
             lines.append(
-                f"| {task} | {method} | {acc['mean']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] | "
+                f"| {task} | {noted_name(method, m.get('notes'))} | "
+                f"{acc['mean']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}] | "
                 f"{cov['mean']:.3f} [{cov['ci_low']:.2f}, {cov['ci_high']:.2f}] | {cap} | {shown} | "
                 f"{m['auc']['mean']:.3f} | "
                 f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "

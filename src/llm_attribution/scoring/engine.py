@@ -254,6 +254,7 @@ def score_in_memory(job: ScoringJob, load: Callable[[], tuple[Features, Features
                     to_dict(method.settings),
                     job.train_ids,
                     job.test_ids,
+                    method.notes(),
                 )
         else:
             scores, seconds = hit
@@ -298,7 +299,7 @@ def score_streamed(job: ScoringJob, load: Callable[[], tuple[TrainFeatures, Feat
             seconds = time.perf_counter() - start
             log.info("scored %s in %.2f s", name, seconds)
             pause_point("scores-method")
-            store.put_file(name, job.key(name), seconds)
+            store.put_file(name, job.key(name), seconds, method.notes())
         metrics = evaluate_file(store.path(name), job.train_labels, job.test_labels)
         results[name] = job.result(name, None, metrics, seconds)
     if ihvp is None:

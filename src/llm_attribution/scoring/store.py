@@ -89,26 +89,39 @@ class ScoreStore:
         settings: dict[str, Any],
         train_ids: Sequence[str],
         test_ids: Sequence[str],
+        notes: dict[str, Any] | None = None,
     ) -> Path:
-        """Write ``scores/<method>.safetensors`` (ids and settings in its metadata), then the manifest."""
+        """Write ``scores/<method>.safetensors`` (ids and settings in its metadata), then the manifest
+        (with the method's ``notes`` on its computation, e.g. LiSSA's convergence)."""
         path = self.path(method)
         data = save(
             {"scores": scores.contiguous()}, metadata=score_metadata(method, settings, train_ids, test_ids)
         )
         write_bytes_atomic(path, data)
-        self._record(method, key, hashlib.sha256(data).hexdigest(), seconds)
+        self._record(method, key, hashlib.sha256(data).hexdigest(), seconds, notes)
         return path
 
-    def put_file(self, method: str, key: dict[str, Any], seconds: float) -> Path:
+    def put_file(
+        self, method: str, key: dict[str, Any], seconds: float, notes: dict[str, Any] | None = None
+    ) -> Path:
         """Record ``scores/<method>.safetensors``, already written in place (by streamed scoring, column
         block by column block), in the manifest with its checksum."""
         path = self.path(method)
-        self._record(method, key, file_sha256(path), seconds)
+        self._record(method, key, file_sha256(path), seconds, notes)
         return path
 
-    def _record(self, method: str, key: dict[str, Any], sha256: str, seconds: float) -> None:
+    def notes(self, method: str) -> dict[str, Any]:
+        """What the method noted on computing its stored scores (empty when nothing, or none stored)."""
+        entry = self._manifest()["methods"].get(method)
+        return dict(entry.get("notes", {})) if entry else {}
+
+    def _record(
+        self, method: str, key: dict[str, Any], sha256: str, seconds: float, notes: dict[str, Any] | None
+    ) -> None:
         manifest = self._manifest()
         manifest["methods"][method] = {"key": key, "sha256": sha256, "seconds": seconds}
+        if notes:
+            manifest["methods"][method]["notes"] = notes
         manifest["partial"].pop(method, None)
         write_json_atomic(self.manifest_path, manifest)
         self._partial_path(method).unlink(missing_ok=True)

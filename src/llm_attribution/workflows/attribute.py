@@ -168,6 +168,9 @@ def attribute_run(
             "settings": result.settings,
             "scores": str(result.path.relative_to(run)),
         }
+        notes = job.store.notes(name)
+        if notes:
+            record["methods"][name]["notes"] = notes
         if name in ihvp:
             compared = ihvp[name]
             if name != "exact":

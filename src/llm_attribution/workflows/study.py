@@ -117,12 +117,17 @@ def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict
     scores in every seed's run (``{seed: {"run": folder, "labels": (train, test)}}``)."""
     judged = {}
     for method in methods:
+        cells = list(seeds.values())
+        stores = [ScoreStore(scores_dir(cell["run"])) for cell in cells]
         judged[method] = judge_method(
             [
-                SeedScores(ScoreStore(scores_dir(cell["run"])).read(method), *cell["labels"])
-                for cell in seeds.values()
+                SeedScores(store.read(method), *cell["labels"])
+                for store, cell in zip(stores, cells, strict=True)
             ]
         )
+        notes = stores[0].notes(method) if stores else {}
+        if notes:  # e.g. LiSSA's depth and convergence (the first seed's: every seed has the same settings)
+            judged[method]["notes"] = notes
     return judged
 
 

@@ -32,6 +32,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -118,12 +119,24 @@ class Lissa(InnerProductMethod):
     def __init__(self, settings: LissaSettings | None = None) -> None:
         super().__init__(settings)
         self.not_converged: dict[str, int] = {}  # block -> steps needed, for blocks depth is too short for
+        self.blocks_scored = 0
 
     def begin_scoring(self) -> None:
         self.not_converged = {}
+        self.blocks_scored = 0
+
+    def notes(self) -> dict[str, Any]:
+        return {
+            "depth": self.settings.depth,
+            "converged": not self.not_converged,
+            "blocks_not_converged": len(self.not_converged),
+            "blocks": self.blocks_scored,
+            "steps_needed": max(self.not_converged.values(), default=0),
+        }
 
     def end_scoring(self, n_blocks: int) -> None:
         """Warns (one line) when ``depth`` was too short for the recursion to converge on some block."""
+        self.blocks_scored = n_blocks
         if self.not_converged:
             worst = max(self.not_converged.values())
             logger.warning(

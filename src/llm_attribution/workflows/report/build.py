@@ -23,7 +23,7 @@ from ...core.storage import read_json, write_bytes_atomic
 from ...data.builtin import BUILTIN_TASKS
 from ...data.loaders import load_task
 from ...data.schema import TaskData
-from ...evaluation.grid import paired_markdown, per_class_markdown, study_markdown
+from ...evaluation.grid import paired_differences, paired_markdown, per_class_markdown, study_markdown
 from ...scoring.store import ScoreStore
 from ..layout import (
     REPORT_HTML,
@@ -94,7 +94,8 @@ def build_report(
         _config, task = _task(folder)
         methods = list(read_json(folder / RESULTS_FILE)["methods"])
         labels = ([e.label for e in task.train], [e.label for e in task.test])
-        record = {"tasks": {task.name: judge_task({0: {"run": folder, "labels": labels}}, methods)}}
+        judged = judge_task({0: {"run": folder, "labels": labels}}, methods)
+        record = {"tasks": {task.name: judged}, "paired": {task.name: paired_differences(judged)}}
     else:
         raise RunError(
             f"{folder} holds neither {STUDY_FILE} nor {RESULTS_FILE}; run `llm-attr study` or `run`"
