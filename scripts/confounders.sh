@@ -18,9 +18,11 @@ declare -A changes=(
     [study-padding-128]="--max-length 128 --padding study"
     [study-optimisation]="--epochs 10 --learning-rate 5e-5 --batch-size 24"
     [train-300]="--train-limit 300"
-    [loss-on-response]="--loss-on response"
+    # at 48 tokens some grammars prompts leave no response token, so the response-only loss is compared at
+    # 128, against max-length-128
+    [loss-on-response-128]="--max-length 128 --loss-on response"
 )
-for name in ours max-length-128 study-padding-128 study-optimisation train-300 loss-on-response; do
+for name in ours max-length-128 study-padding-128 study-optimisation train-300 loss-on-response-128; do
     # shellcheck disable=SC2086  # the change is a list of options
     "$bin/llm-attr" run "${base[@]}" ${changes[$name]} --out "$out/$name" >/dev/null
 done
@@ -28,7 +30,7 @@ done
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-names = ["ours", "max-length-128", "study-padding-128", "study-optimisation", "train-300", "loss-on-response"]
+names = ["ours", "max-length-128", "study-padding-128", "study-optimisation", "train-300", "loss-on-response-128"]
 methods = json.loads((out / "ours" / "results.json").read_text())["methods"]
 print("| change | " + " | ".join(f"{m} acc / cov" for m in methods) + " |")
 print("|---|" + "---|" * len(methods))

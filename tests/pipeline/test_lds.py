@@ -195,3 +195,15 @@ def test_report_shows_the_lds_table_and_figure(measured: tuple[Path, dict]) -> N
     assert f"| exact | {exact['mean']:.3f} [{exact['ci95'][0]:.3f}, {exact['ci95'][1]:.3f}]" in text
     assert "noise ceiling" in text and next(iter(figures)).startswith("lds-")
     assert next(iter(figures.values()))[:4] == b"\x89PNG"
+    # The trust section counts each verdict over the test examples and, with an LDS, gives its mean LDS.
+    results = json.loads((run / "results.json").read_text())["methods"]
+    title = next(t for t in sections if t.startswith("Should these rankings be trusted?"))
+    text = sections[title][0]
+    verdicts = np.array(results["exact"]["trust"]["verdicts"])
+    per_test = np.array(exact["per_test"])
+    cells = []
+    for verdict in ("low", "medium", "high"):
+        chosen = verdicts == verdict
+        mean = f" ({np.nanmean(per_test[chosen]):.2f})" if chosen.any() else ""
+        cells.append(f"{int(chosen.sum())}{mean}")
+    assert "| exact | " + " | ".join(cells) + " |" in text

@@ -39,6 +39,7 @@ from ..study import judge_task
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .ground_truth import ground_truth_sections
 from .published import published_table
+from .trust import trust_section
 
 CUT = 80
 EXAMPLES = 3
@@ -121,6 +122,9 @@ def build_report(
         report.add("The study's 7B figures (official score files)", published_table(official_root, data_root))
     for run in _runs(folder):
         _diagnostics(report, run, folder)
+        trust = trust_section(run, run.relative_to(folder.parent))
+        if trust is not None:
+            report.add(*trust)
         for section in ground_truth_sections(run, run.relative_to(folder.parent)):
             report.add(*section)
     first = _runs(folder)[:1]
