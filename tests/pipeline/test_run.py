@@ -37,6 +37,12 @@ def test_run_scores_all_five_methods_quickly(tiny_run) -> None:
         scores = load_file(str(run / row["scores"]))["scores"]
         assert scores.shape == (10, 60) and torch.isfinite(scores).all()
     assert results["n_train"] == 60 and results["n_test"] == 10 and results["epoch"] == 2
+    # Above chance with a margin, by the interval: 10 rules, 6 training examples each, so a random
+    # ranking's top-1 has the test's rule with probability 0.10; exact's and LiSSA's 95% intervals start
+    # above it (exact's by more than 0.2), although the tiny model is small and its test set 10 examples.
+    chance = 1 / results["n_classes"]  # the built-in rules are balanced
+    assert results["methods"]["exact"]["intervals"]["accuracy"][0] > chance + 0.2
+    assert results["methods"]["lissa"]["intervals"]["accuracy"][0] > chance
     assert "higher" in results["convention"]
     assert results["versions"]["torch"].startswith("2.")
 
