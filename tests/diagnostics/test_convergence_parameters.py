@@ -160,3 +160,24 @@ def test_convergence_sees_no_turn_when_an_epoch_changed_nothing(two_epoch_run, t
     assert code == 0, err
     real = json.loads((two_epoch_run / "diagnostics" / "convergence.json").read_text())["epochs"]
     assert real[1]["gradient_cosine_with_previous"] < 0.999
+
+
+def test_parameters_measure_a_constructed_update(two_epoch_run, tmp_path, capsys) -> None:
+    # Epoch 2 made from epoch 1 with every lora_B doubled: the update s B A doubles in every module, so the
+    # total norm and each module's must double exactly.
+    import shutil
+
+    from safetensors.torch import save_file
+
+    made = shutil.copytree(two_epoch_run, tmp_path / "made")
+    first = load_file(str(made / "adapters" / "epoch-1" / "adapter_model.safetensors"))
+    doubled = {k: (2 * v if ".lora_B." in k else v).contiguous() for k, v in first.items()}
+    save_file(doubled, str(made / "adapters" / "epoch-2" / "adapter_model.safetensors"))
+    code, _, err = run_cli(
+        ["diagnose", "parameters", "--run", str(made), "--generations", "1", "--quiet"], capsys
+    )
+    assert code == 0, err
+    rows = json.loads((made / "diagnostics" / "parameters.json").read_text())["epochs"]
+    assert rows[1]["update_norm_total"] == pytest.approx(2 * rows[0]["update_norm_total"], rel=1e-9)
+    for module, norm in rows[1]["update_norm_by_module"].items():
+        assert norm == pytest.approx(2 * rows[0]["update_norm_by_module"][module], rel=1e-9)
