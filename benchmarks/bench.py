@@ -26,10 +26,11 @@ from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.progress import set_quiet
 from llm_attribution.data import DataSettings, load_task
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
-from llm_attribution.features.gradients import GradientSettings, collect_features, lora_modules
+from llm_attribution.features.gradients import GradientSettings, collect_features
 from llm_attribution.models.lora import attach_lora, lora_parameters
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import lora_modules
 
 BATCH = 8
 PROMPT = PromptSettings(max_length=64)
