@@ -63,3 +63,18 @@ def test_duplicate_names_are_refused() -> None:
     with pytest.raises(TypeError, match="datainf"):
         register(Impostor)
     assert method_class("datainf") is taken
+
+
+def test_every_method_says_what_it_computes_in_the_help() -> None:
+    from llm_attribution.attribution.registry import available_methods, method_class
+    from llm_attribution.cli.main import build_parser
+
+    assert all(method_class(name).summary for name in available_methods())
+    run_help = next(
+        action.choices["run"].format_help()
+        for action in build_parser()._actions
+        if getattr(action, "choices", None) and "run" in action.choices
+    )
+    flat = " ".join(run_help.split())
+    assert "exact: the exact damped inverse of the block-diagonal, per-example empirical Fisher" in flat
+    assert "not a Hessian" in flat

@@ -89,6 +89,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    summary: ClassVar[str] = ""  # what the method computes, in one line, for --help and the docs
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
 
     def __init__(self, settings: MethodSettings | None = None) -> None:

@@ -55,6 +55,11 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def method_summaries() -> str:
+    """One line per registered method: its name and what it computes (for ``--help``)."""
+    return "; ".join(f"{name}: {method_class(name).summary or '-'}" for name in available_methods())
+
+
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name`` (to read its ``kind`` or ``Settings`` before building it)."""
     _discover()

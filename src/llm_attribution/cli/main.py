@@ -8,12 +8,14 @@ output MORE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
+from ..attribution.registry import method_summaries
 from ..core import distributed
 from ..core.errors import UserError
 from ..core.progress import set_quiet
@@ -52,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                     dest=f"{group}_verb", required=True, parser_class=OneLineParser
                 )
             parent = groups[group]
+        takes_methods = any(
+            "methods" in {f.name for f in dataclasses.fields(options.settings)} for options in verb.options
+        )
         command: argparse.ArgumentParser = parent.add_parser(
-            name, help=verb.help, description=verb.description
+            name,
+            help=verb.help,
+            description=verb.description,
+            epilog=f"methods -- {method_summaries()}" if takes_methods else None,
         )
         command.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
         command.add_argument("--verbose", action="store_true", help="log debugging details")

@@ -34,6 +34,10 @@ class DataInf(InnerProductMethod):
     """Score = sum over blocks of ``DataInf(F + lambda I)^-1 g_test . g_train``; HIGHER = more supportive."""
 
     name = "datainf"
+    summary = (
+        "DataInf: Sherman-Morrison average of per-example rank-one inverses, block by block "
+        "(approximates exact)"
+    )
     Settings = DataInfSettings
     settings: DataInfSettings
 

@@ -106,6 +106,10 @@ class Ekfac(InnerProductMethod):
     (:meth:`~.base.Method.bind_shapes`; the pipeline binds the shapes its features record)."""
 
     name = "ekfac-example"
+    summary = (
+        "eigenvalue-corrected Kronecker basis of the per-example gradient matrices (sum G G^T, "
+        "sum G^T G); a Shampoo-style basis, not token-level K-FAC"
+    )
     Settings = EkfacSettings
     settings: EkfacSettings
 

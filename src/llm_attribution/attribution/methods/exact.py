@@ -78,6 +78,10 @@ class Exact(InnerProductMethod):
     """Score = sum over blocks of ``(F + lambda I)^-1 g_test . g_train`` exactly; HIGHER = more supportive."""
 
     name = "exact"
+    summary = (
+        "the exact damped inverse of the block-diagonal, per-example empirical Fisher (F + lambda "
+        "I)^-1 g; not a Hessian"
+    )
     Settings = ExactSettings
     settings: ExactSettings
 

@@ -18,6 +18,7 @@ class HessianFree(InnerProductMethod):
     """Score = sum over blocks of ``g_test . g_train``; HIGHER = the training example is more supportive."""
 
     name = "hessian-free"
+    summary = "the plain gradient dot product g_test . g_train (the study's gradient match)"
 
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """The test gradients themselves; no pass beyond the statistics."""

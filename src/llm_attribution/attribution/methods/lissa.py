@@ -113,6 +113,10 @@ class Lissa(InnerProductMethod):
     """Score = sum over blocks of ``LiSSA[(F + lambda I)^-1] g_test . g_train``; HIGHER = more supportive."""
 
     name = "lissa"
+    summary = (
+        "LiSSA recursion toward exact's inverse product; a partial sum unless its depth suffices (its "
+        "notes and a warning say which)"
+    )
     Settings = LissaSettings
     settings: LissaSettings
 
@@ -274,6 +278,7 @@ class LissaStudy(InnerProductMethod):
     """The study's LiSSA as it ran; HIGHER = the training example supports the test output more."""
 
     name = "lissa-study"
+    summary = "the study's own LiSSA as it ran (3 steps, damping with a minus sign): Hessian-free's ranking"
     Settings = LissaStudySettings
     settings: LissaStudySettings
 

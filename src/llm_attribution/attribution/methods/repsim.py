@@ -17,6 +17,7 @@ class RepSim(RepresentationMethod):
     """Score = ``cos(rep_test, rep_train)``; HIGHER = the training example supports the test output more."""
 
     name = "repsim"
+    summary = "cosine similarity of the last hidden states (no gradients)"
 
     def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` cosine similarities (0 for an all-zero representation);
