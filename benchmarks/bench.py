@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
     set_quiet(True)
+    start_load = os.getloadavg()[0]
     g = gradient_vs_training(args.examples)
     ratio = g["grad_s_per_example"] / g["train_s_per_example"]
     s = scoring(g["matrices"], 900, 100)
@@ -152,7 +153,10 @@ def main() -> None:
         return f"| {name} | {seconds:.2f} | {compared} | {extra} |"
 
     lines = [
-        f"Measured by `make bench` (`python benchmarks/bench.py`) on {today}, on {machine()}.",
+        f"Measured by `make bench` (`python benchmarks/bench.py`) on {today}, on {machine()}; load average "
+        f"{start_load:.1f} when it started and {os.getloadavg()[0]:.1f} when it ended (above 1, other jobs "
+        "shared the 2 cores: the times are slower than on a quiet machine, and each ratio compares two "
+        "timings taken under the same load).",
         "",
         "## Gradient collection vs training",
         "",
