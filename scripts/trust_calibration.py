@@ -7,7 +7,8 @@ For each task: the run's stored scores (RUNS/TASK/scores) and the per-test LDS o
 LDS/TASK.lds.json, the record `llm-attr lds` wrote). The table is held out: for each task the model is
 fitted on the OTHER tasks and its verdicts on this task are set against this task's measured LDS (mean
 per verdict, 95% interval resampling test examples with all their methods; and high minus low, paired on
-the same resamples). The shipped model (--write) is fitted on every task.
+the same resamples), then each signal's Pearson correlation with the per-test LDS over a task's (method,
+test) pairs. The shipped model (--write) is fitted on every task.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def main() -> None:
     for task in tasks:
         others = [sample for other in tasks if other != task for sample in samples[other]]
         print("\n".join(held_out_rows(task, samples[task], others)))
+    print()
+    print("| task | corr(agreement, LDS) | corr(margin, LDS) |")
+    print("|---|---|---|")
+    for task in tasks:
+        agreement = np.concatenate([signals.agreement for _, signals, _ in samples[task]])
+        margin = np.concatenate([signals.margin for _, signals, _ in samples[task]])
+        lds = np.concatenate([values for _, _, values in samples[task]])
+        print(f"| {task} | {np.corrcoef(agreement, lds)[0, 1]:.2f} | {np.corrcoef(margin, lds)[0, 1]:.2f} |")
     model = fit_trust_model([sample for task in tasks for sample in samples[task]])
     print()
     print(f"fitted on every task: {json.dumps(model.to_dict())}")
