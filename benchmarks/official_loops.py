@@ -49,40 +49,46 @@ def gmatch_products(train: Gradients, test: Gradients) -> Gradients:
     return {t: dict(blocks) for t, blocks in test.items()}
 
 
+def _per_test_and_block(
+    train: Gradients, test: Gradients, product: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor]
+) -> Gradients:
+    """The official outer loops: for every test example and block, the damping from its own loop over
+    training examples, then that block's inverse product ``product(v, block, damping)``."""
+    return {
+        t: {block: product(v, block, _damping(train, block)) for block, v in test[t].items()} for t in test
+    }
+
+
 def datainf_products(train: Gradients, test: Gradients) -> Gradients:
     n = len(train)
-    products: Gradients = {}
-    for t in test:
-        products[t] = {}
-        for block, v in test[t].items():
-            damping = _damping(train, block)
-            h = torch.zeros(v.shape, dtype=v.dtype)
-            for i in train:
-                g = train[i][block]
-                c = torch.sum(v * g) / (damping + torch.sum(g**2))
-                h += (v - c * g) / (n * damping)
-            products[t][block] = h
-    return products
+
+    def product(v: torch.Tensor, block: str, damping: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(v.shape, dtype=v.dtype)
+        for i in train:
+            g = train[i][block]
+            c = torch.sum(v * g) / (damping + torch.sum(g**2))
+            h += (v - c * g) / (n * damping)
+        return h
+
+    return _per_test_and_block(train, test, product)
 
 
 def lissa_study_products(
     train: Gradients, test: Gradients, depth: int = 3, scale: float = 1000.0
 ) -> Gradients:
     n = len(train)
-    products: Gradients = {}
-    for t in test:
-        products[t] = {}
-        for block, v in test[t].items():
-            damping = _damping(train, block)
-            h = v.clone()
-            for _ in range(depth):
-                fisher_h = torch.zeros(v.shape, dtype=v.dtype)
-                for i in train:
-                    g = train[i][block]
-                    fisher_h += torch.sum(g * h) * g / n
-                h = v + h - (fisher_h - damping * h) / scale
-            products[t][block] = h
-    return products
+
+    def product(v: torch.Tensor, block: str, damping: torch.Tensor) -> torch.Tensor:
+        h = v.clone()
+        for _ in range(depth):
+            fisher_h = torch.zeros(v.shape, dtype=v.dtype)
+            for i in train:
+                g = train[i][block]
+                fisher_h += torch.sum(g * h) * g / n
+            h = v + h - (fisher_h - damping * h) / scale
+        return h
+
+    return _per_test_and_block(train, test, product)
 
 
 def exact_inverses(train: Gradients, blocks: list[str]) -> dict[str, torch.Tensor]:
