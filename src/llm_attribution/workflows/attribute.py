@@ -189,14 +189,15 @@ def attribute_run(
                     else {}
                 ),
             }
+    stored = {name: job.store.read(name) for name in record["methods"]}  # each file read once, checked
     judged = {
-        name: judge_method([SeedScores(job.store.read(name), job.train_labels, job.test_labels)])
-        for name in record["methods"]
+        name: judge_method([SeedScores(scores, job.train_labels, job.test_labels)])
+        for name, scores in stored.items()
     }
     for name, metrics in judged.items():
         record["methods"][name]["intervals"] = run_intervals(metrics)
     record["paired"] = paired_differences(judged)
-    for name, reading in trust_readings({name: job.store.read(name) for name in record["methods"]}).items():
+    for name, reading in trust_readings(stored).items():
         record["methods"][name]["trust"] = reading
     record.update(
         {
