@@ -189,16 +189,8 @@ def attribute_run(
                     else {}
                 ),
             }
-    stored = {name: job.store.read(name) for name in record["methods"]}  # each file read once, checked
-    judged = {
-        name: judge_method([SeedScores(scores, job.train_labels, job.test_labels)])
-        for name, scores in stored.items()
-    }
-    for name, metrics in judged.items():
-        record["methods"][name]["intervals"] = run_intervals(metrics)
-    record["paired"] = paired_differences(judged)
-    for name, reading in trust_readings(stored).items():
-        record["methods"][name]["trust"] = reading
+    if distributed.is_main():  # only rank 0 writes the record, and only it has finished writing the scores
+        _judge_stored(record, job)
     record.update(
         {
             "convention": "higher score = the training example supports the test output more",
@@ -216,3 +208,17 @@ def attribute_run(
     )
     distributed.on_main(write_json_atomic, path, record)
     return record
+
+
+def _judge_stored(record: dict[str, Any], job: ScoringJob) -> None:
+    """Each stored method's intervals, the paired differences and the trust verdicts, into ``record``."""
+    stored = {name: job.store.read(name) for name in record["methods"]}  # each file read once, checked
+    judged = {
+        name: judge_method([SeedScores(scores, job.train_labels, job.test_labels)])
+        for name, scores in stored.items()
+    }
+    for name, metrics in judged.items():
+        record["methods"][name]["intervals"] = run_intervals(metrics)
+    record["paired"] = paired_differences(judged)
+    for name, reading in trust_readings(stored).items():
+        record["methods"][name]["trust"] = reading
