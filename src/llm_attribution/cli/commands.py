@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api import attribute, evaluate
+from ..core import distributed
 from ..core.errors import UserError
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
@@ -99,7 +100,9 @@ def _removed_on_user_error(folder: Path) -> Iterator[None]:
     try:
         yield
     except UserError:
-        if created and folder.is_dir():
+        # Under torchrun only rank 0 deletes: another rank's error must not pull the folder out from under
+        # rank 0 while it writes.
+        if created and folder.is_dir() and distributed.requested_rank() == 0:
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
