@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
+from .metrics import rank_training
 
 VERDICTS = ("low", "medium", "high")
 TRUST_K = 10  # the top-k the signals look at (fewer on a small training set: n_train // 10, at least 1)
@@ -51,8 +52,8 @@ def _matrix(scores: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _top_mask(scores: np.ndarray, k: int) -> np.ndarray:
-    """``[n_test, n_train]`` bool: the top-k of each row (ties by lower training index)."""
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """``[n_test, n_train]`` bool: the top-k of each row (ties by lower training index, as the metrics)."""
+    top = rank_training(scores)[:, :k]
     mask = np.zeros(scores.shape, dtype=bool)
     np.put_along_axis(mask, top, True, axis=1)
     return mask

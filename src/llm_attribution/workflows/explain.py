@@ -18,7 +18,7 @@ import torch
 
 from ..core.settings import REQUIRED, option, require_positive
 from ..data.schema import Example
-from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals, verdict_of
+from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
 from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
@@ -127,7 +127,7 @@ def judge_trust(scores: dict[str, torch.Tensor]) -> dict[str, Trust]:
     for name, signals in trust_signals(scores).items():
         predicted = float(model.predict(signals)[0])
         found[name] = Trust(
-            verdict_of(predicted, model.low, model.high),
+            model.verdicts(signals)[0],
             float(signals.agreement[0]),
             float(signals.margin[0]),
             predicted,
