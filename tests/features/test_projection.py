@@ -9,6 +9,7 @@ from llm_attribution.attribution.registry import available_methods, get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.data.templates import PromptSettings
 from llm_attribution.features.gradients import GradientSettings, collect_features
+from llm_attribution.features.kronecker import KroneckerFactors
 from llm_attribution.features.projection import BlockProjection, KroneckerProjector, factor_dims
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
@@ -136,7 +137,9 @@ def test_every_method_runs_on_projected_features(lora_model) -> None:
     model, tokenizer = lora_model
     task = toy_task(n_train=12, n_test=4)
     settings = GradientSettings(gradient_batch_size=6, projection_dim=32)
-    train = collect_features(model, tokenizer, task.train, PROMPT, settings)
+    factors = KroneckerFactors()  # the token-level factors kfac and ekfac need, of the projected sides
+    train = collect_features(model, tokenizer, task.train, PROMPT, settings, kronecker=factors)
+    train.kronecker = factors
     test = collect_features(model, tokenizer, task.test, PROMPT, settings)
     assert all(block.shape[1] <= 32 for block in train.blocks.values())
     assert all(o * i == train.blocks[name].shape[1] for name, (o, i) in train.shapes.items())

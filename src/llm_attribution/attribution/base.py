@@ -27,6 +27,7 @@ import torch
 from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
+from ..features.kronecker import KroneckerFactors
 from .grouping import width_groups
 from .passes import BlockStatistics, TrainPasses, block_width, require_same_blocks
 
@@ -88,9 +89,12 @@ class Method(ABC):
     """What every registered method has: a name, the features it needs, and validated settings."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()  # old names that still select the method
     kind: ClassVar[str]
     summary: ClassVar[str] = ""  # what the method computes, in one line, for --help and the docs
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    # whether scoring needs the training split's token-level Kronecker factors (collected with the features)
+    needs_kronecker: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None) -> None:
         if settings is None:
@@ -99,11 +103,18 @@ class Method(ABC):
             raise ConfigError(f"{self.name} expects {self.Settings.__name__}, got {type(settings).__name__}")
         self.settings = settings
         self.block_shapes: dict[str, tuple[int, int]] = {}
+        self.kronecker: KroneckerFactors | None = None
 
     def bind_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> Method:
         """Tell the method each gradient block's matrix shape ``(o, i)`` (rows are ``o x i`` matrices
-        flattened row-major), for methods that use it (``ekfac-example``); returns the method itself."""
+        flattened row-major), for the Kronecker-factored methods; returns the method itself."""
         self.block_shapes = {name: (int(o), int(i)) for name, (o, i) in shapes.items()}
+        return self
+
+    def bind_kronecker(self, factors: KroneckerFactors | None) -> Method:
+        """Give the method the training split's token-level Kronecker factors (methods with
+        ``needs_kronecker``; the pipeline binds those its features hold); returns the method itself."""
+        self.kronecker = factors
         return self
 
     @property

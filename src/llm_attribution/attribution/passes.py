@@ -18,7 +18,9 @@ exact              statistics, then ``G^T G`` (``d x d``),    ``d x d``; Woodbur
 lissa, -study      statistics, then ``F`` (``d x d``) when    ``d x d``, else ``m x d`` iterates
                    streamed and ``d <= chunk_size``, else     (lissa's mini-batches: rows gathered)
                    one per step
-ekfac-example      statistics, factors, eigenvalues           ``o x o``, ``i x i`` and ``o x i``
+eshampoo           statistics, factors, eigenvalues           ``o x o``, ``i x i`` and ``o x i``
+kfac               statistics (token-level factors given)     ``o x o``, ``i x i`` and ``o x i``
+ekfac              statistics, eigenvalues                    ``o x o``, ``i x i`` and ``o x i``
 repsim             --                                         --
 =================  =========================================  =============================================
 

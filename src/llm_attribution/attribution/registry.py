@@ -30,10 +30,13 @@ def register(cls: M) -> M:
             f"{cls.__name__} must derive from InnerProductMethod (kind {GRADIENT!r}) or RepresentationMethod "
             f"(kind {REPRESENTATION!r})"
         )
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls:
-        raise TypeError(f"attribution method name {name!r} is used by {existing.__name__} and {cls.__name__}")
-    _REGISTRY[name] = cls
+    for key in (name, *getattr(cls, "aliases", ())):
+        existing = _REGISTRY.get(key)
+        if existing is not None and existing is not cls:
+            raise TypeError(
+                f"attribution method name {key!r} is used by {existing.__name__} and {cls.__name__}"
+            )
+        _REGISTRY[key] = cls
     return cls
 
 
@@ -50,14 +53,16 @@ def _discover() -> None:
 
 
 def available_methods() -> tuple[str, ...]:
-    """Names of every registered method, sorted."""
+    """Names of every registered method (an old name kept as an alias included), sorted."""
     _discover()
     return tuple(sorted(_REGISTRY))
 
 
 def method_summaries() -> str:
-    """One line per registered method: its name and what it computes (for ``--help``)."""
-    return "; ".join(f"{name}: {method_class(name).summary or '-'}" for name in available_methods())
+    """One line per registered method: its name and what it computes (for ``--help``; aliases, which
+    the summary names, are not listed again)."""
+    canonical = [name for name in available_methods() if method_class(name).name == name]
+    return "; ".join(f"{name}: {method_class(name).summary or '-'}" for name in canonical)
 
 
 def method_class(name: str) -> type[Method]:

@@ -137,8 +137,9 @@ VERBS: tuple[Verb, ...] = (
         commands.cmd_study,
         "the study's grid: tasks x methods x seeds, with intervals (resumable)",
         "Run tasks x methods x fine-tuning seeds into one folder (each cell an ordinary run, reused when "
-        "rerun), then report accuracy, coverage, AUC, AUPRC, MRR and P@10 with 95%% bootstrap intervals over "
-        "test examples and the spread over seeds. " + SCORE_CONVENTION,
+        "rerun), then report accuracy, coverage (beside its cap), AUC, AUPRC, MRR and P@10 with 95% "
+        "intervals that resample seeds and test examples, paired differences between methods, and the "
+        "spread over seeds. " + SCORE_CONVENTION,
         (
             _out("study folder (one run folder per task and seed)"),
             Argument(
@@ -240,7 +241,7 @@ VERBS: tuple[Verb, ...] = (
         "report",
         commands.cmd_report,
         "report.html (self-contained, plots embedded) and report.md of a study or run folder",
-        "Write DIR/report.html and DIR/report.md: the grid with 95%% intervals, the diagnostics found in the "
+        "Write DIR/report.html and DIR/report.md: the grid with 95% intervals, the diagnostics found in the "
         "runs, the study's 7B figures from its official score files, and top training examples. "
         + SCORE_CONVENTION,
         (),

@@ -37,6 +37,7 @@ from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, Encoded, PromptSettings, collate, encode_examples
 from ..models.device import autocast
 from ..models.tuning import FULL_UNPROJECTED_LIMIT, LoraWeights, TunedWeights
+from .kronecker import KroneckerFactors, flat_tokens
 from .projection import KroneckerProjector
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Features:
     ``losses``: float32 ``[n]`` each example's loss.
     ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the
     trained matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
+    ``kronecker``: the split's token-level Kronecker factors (K-FAC, EK-FAC), when a method asked for them.
     """
 
     ids: list[str]
@@ -105,6 +107,7 @@ class Features:
     representations: torch.Tensor | None
     losses: torch.Tensor
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kronecker: KroneckerFactors | None = None
 
 
 class _Capture:
@@ -147,9 +150,11 @@ def collect_features(
     representations: bool = True,
     desc: str = "gradients",
     weights: TunedWeights | None = None,
+    kronecker: KroneckerFactors | None = None,
 ) -> Features:
     """Per-example gradients of the trained weights (default: the LoRA matrices of a peft model), and
-    RepSim representations, of ``examples``, in their order.
+    RepSim representations, of ``examples``, in their order. With ``kronecker`` given, every block's
+    token-level Kronecker factors (:mod:`.kronecker`) are added into it from the same pass.
 
     The model is put in eval mode (no dropout): attribution explains the trained, deterministic model.
     Examples are batched by length to limit padding, which does not change any result.
@@ -188,6 +193,9 @@ def collect_features(
                 for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
             }
             labels = batch.pop("labels")
+            if kronecker is not None:
+                tokens = batch["attention_mask"]
+                kronecker.count(int(tokens.sum()), len(rows))
             with autocast(model):  # bf16 base: low-precision forward; the einsums below sum in float32
                 out = model(**batch, output_hidden_states=representations, use_cache=False)
             loss, counts = per_example_losses(out.logits, labels)
@@ -201,6 +209,8 @@ def collect_features(
                     if name in projections:  # project the factors, never the [d_out, d_in] gradient
                         out_side = projections[name].output_side(out_side)
                         in_side = projections[name].input_side(in_side)
+                    if kronecker is not None:
+                        kronecker.add(name, flat_tokens(in_side, tokens), flat_tokens(out_side, tokens))
                     per_example = torch.einsum("bto,bti->boi", out_side, in_side).reshape(len(rows), -1)
                     blocks[name][index] = per_example.cpu()
             losses[index] = loss.detach().float().cpu()

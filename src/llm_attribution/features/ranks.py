@@ -12,6 +12,7 @@ Without ``torchrun`` both functions simply call the work on everything.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from ..core import distributed
 from ..data.schema import Example
 from .gradients import Features
+from .kronecker import KroneckerFactors
 
 _REPRESENTATIONS = "__representations__"
 _LOSSES = "__losses__"
@@ -39,6 +41,23 @@ def collect_on_ranks(
     layout, shapes = next(item for item in distributed.all_gather_object(described) if item is not None)
     flat = distributed.all_gather_rows(None if local is None else _flatten(local, layout))
     return _unflatten(flat, layout, [e.id for e in examples], shapes)
+
+
+def factors_on_ranks(
+    examples: Sequence[Example], accumulate: Callable[[Sequence[Example], KroneckerFactors], None]
+) -> KroneckerFactors:
+    """Kronecker factors of all ``examples``: each rank adds those of its contiguous slice
+    (``accumulate(slice, into)``), and every rank gets the sum."""
+    if not distributed.active():
+        factors = KroneckerFactors()
+        accumulate(examples, factors)
+        return factors
+    rows = distributed.my_rows(len(examples))
+    local = KroneckerFactors()
+    with distributed.agree():
+        if rows.stop > rows.start:
+            accumulate(examples[rows], local)
+    return functools.reduce(KroneckerFactors.merged, distributed.all_gather_object(local))
 
 
 def score_on_ranks(score: Callable[[Features], torch.Tensor], test: Features) -> torch.Tensor:

@@ -5,6 +5,7 @@ FOLDER/<split>-<key>/      (a run keeps FOLDER at RUN/features, workflows/layout
   manifest.json            fingerprint of everything that produced the features, shards with checksums
   shard-00000.safetensors  rows [0, shard_size): one tensor per LoRA block, plus representations, losses
   ...
+  kronecker.safetensors    token-level Kronecker factors of the whole split (only when a method asks)
 ```
 
 ``key`` is a hash of the fingerprint, so a changed model, adapter, data, template, max length, dtype or
@@ -32,10 +33,12 @@ from ..core.pause import pause_point
 from ..core.storage import read_json, write_bytes_atomic, write_json_atomic
 from ..data.schema import Example
 from .gradients import Features
+from .kronecker import KroneckerFactors
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+KRONECKER = "kronecker.safetensors"
 REPRESENTATIONS_KEY = "__representations__"
 LOSSES_KEY = "__losses__"
 # 3: shards record each block's matrix shape (ekfac-example needs it), so older stores are recomputed
@@ -120,13 +123,35 @@ class FeatureStore:
                 "rows": [start, start + len(chunk)],
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
-            distributed.on_main(self._write_shard, name, data, manifest)  # under torchrun: rank 0 writes
+            distributed.on_main(self._write_file, name, data, manifest)  # under torchrun: rank 0 writes
             log.info(
                 "%s: stored examples %d-%d of %d", self.folder.name, start, start + len(chunk), len(examples)
             )
             yield features
 
-    def _write_shard(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
+    @property
+    def kronecker_path(self) -> Path:
+        return self.folder / KRONECKER
+
+    def stored_kronecker(self) -> KroneckerFactors | None:
+        """The split's stored Kronecker factors (checked against the manifest), or None if not stored."""
+        entry = self._manifest().get("kronecker")
+        if entry is None:
+            return None
+        path = self.kronecker_path
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise RunError(f"{path} is missing or corrupted (checksum mismatch); delete it to recompute")
+        return KroneckerFactors.from_tensors(load(data))
+
+    def put_kronecker(self, factors: KroneckerFactors) -> None:
+        """Keep the split's Kronecker factors (under torchrun rank 0 writes)."""
+        data = save(factors.to_tensors())
+        manifest = self._manifest()
+        manifest["kronecker"] = {"sha256": hashlib.sha256(data).hexdigest(), "examples": factors.examples}
+        distributed.on_main(self._write_file, KRONECKER, data, manifest)
+
+    def _write_file(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
         write_bytes_atomic(self.folder / name, data)
         write_json_atomic(self.manifest_path, manifest)
 

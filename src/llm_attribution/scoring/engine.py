@@ -115,10 +115,20 @@ ScoredMethods = tuple[dict[str, MethodResult], dict[str, Any]]
 # ------------------------------------------------------------------------------------- one method, in memory
 
 
+def bind(method: Method, test: Features, train: Features | TrainFeatures | None = None) -> Method:
+    """Tell ``method`` what the features know besides the gradient rows: each block's matrix shape and,
+    for a method that needs them, the training split's Kronecker factors."""
+    shapes = train.shapes if isinstance(train, Features) else {}
+    method.bind_shapes({**shapes, **test.shapes})
+    if method.needs_kronecker:
+        method.bind_kronecker(None if train is None else train.kronecker)
+    return method
+
+
 def score_features(method: Method, train: Features, test: Features) -> torch.Tensor:
     """``[n_test, n_train]`` scores of one method on features in memory; HIGHER = more supportive."""
     if isinstance(method, InnerProductMethod):
-        method.bind_shapes({**train.shapes, **test.shapes})
+        bind(method, test, train)
         return method.score(train.blocks, test.blocks)
     return _representation_method(method).score_representations(
         _representations(method, train), _representations(method, test)
@@ -149,7 +159,7 @@ def score_resumably(
             store.put_partial(method.name, key, running, before + time.perf_counter() - start)
             last_save = time.perf_counter()
 
-    method.bind_shapes({**train.shapes, **test.shapes})
+    bind(method, test, train)
     scores = method.score(train.blocks, test.blocks, partial, keep)
     return scores, before + time.perf_counter() - start
 
@@ -167,7 +177,7 @@ def score_chunks(
     one statistics pass among several methods (default: a fresh one over ``train``)."""
     if not isinstance(method, InnerProductMethod):
         return None, _representation_chunks(_representation_method(method), train, test)
-    method.bind_shapes(test.shapes)
+    bind(method, test, train)
     return method.stream(passes or train.gradient_passes(), test.blocks)
 
 
@@ -267,7 +277,7 @@ def score_in_memory(job: ScoringJob, load: Callable[[], tuple[Features, Features
         # How far each inverse-Fisher approximation is from exact (and exact from the raw gradient). A method
         # whose scores were reused was never bound to the blocks' shapes, which EK-FAC needs.
         for method in job.compared.values():
-            method.bind_shapes({**train.shapes, **test.shapes})
+            bind(method, test, train)
         per_block = compare_ihvp(
             train.blocks, test.blocks, job.compared, reference=job.compared["exact"], max_test=IHVP_TEST_ROWS
         )
@@ -306,7 +316,7 @@ def score_streamed(job: ScoringJob, load: Callable[[], tuple[TrainFeatures, Feat
         assert passes is not None
         for name, method in job.compared.items():  # methods whose scores were reused: transform again
             if name not in transformed:
-                method.bind_shapes(test.shapes)
+                bind(method, test, train)
                 full = method.transform_test(passes, test.blocks)
                 transformed[name] = {block: t[:IHVP_TEST_ROWS] for block, t in full.items()}
         per_block = compare_transformed(

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..attribution.passes import TrainPasses
 from ..features.gradients import Features
+from ..features.kronecker import KroneckerFactors
 from ..features.store import FeatureStore
 
 
@@ -19,11 +20,15 @@ class TrainFeatures:
     passes: Callable[[], Iterator[Features]]
     chunks: int
     rows: int
+    kronecker: KroneckerFactors | None = None  # the split's token-level factors, when a method asked
 
     @classmethod
-    def from_store(cls, store: FeatureStore, examples: Sequence[Any]) -> TrainFeatures:
+    def from_store(
+        cls, store: FeatureStore, examples: Sequence[Any], kronecker: KroneckerFactors | None = None
+    ) -> TrainFeatures:
         """The stored shards of a complete split, each read (and checked) when its turn comes."""
-        return cls(lambda: store.shards(examples), -(-len(examples) // store.shard_size), len(examples))
+        chunks = -(-len(examples) // store.shard_size)
+        return cls(lambda: store.shards(examples), chunks, len(examples), kronecker)
 
     def gradient_passes(self) -> TrainPasses:
         """The gradient blocks of these passes (statistics computed once, on first use)."""

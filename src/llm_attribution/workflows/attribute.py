@@ -79,6 +79,11 @@ class AttributeSettings:
         options = parse_method_options(self.methods, self.method_options)
         return {name: get_method(name, **options.get(name, {})) for name in self.methods}
 
+    @property
+    def needs_kronecker(self) -> bool:
+        """Whether any method asked for scores with the training split's token-level Kronecker factors."""
+        return any(method_class(name).needs_kronecker for name in self.methods)
+
 
 def parse_method_options(methods: Sequence[str], items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["lissa.depth=200"]`` -> ``{"lissa": {"depth": 200}}``, typed by the method's settings."""
@@ -124,7 +129,9 @@ def attribute_run(
     Returns the results dict; methods scored before (by another call) are kept unless re-scored.
     """
     run, task = loaded_run.run, loaded_run.task
-    features = RunFeatures(loaded_run, prompt, gradients, model_settings, settings.shard_size)
+    features = RunFeatures(
+        loaded_run, prompt, gradients, model_settings, settings.shard_size, settings.needs_kronecker
+    )
     job = ScoringJob(
         methods=settings.build_methods(),
         store=ScoreStore(scores_dir(run)),

@@ -43,7 +43,12 @@ def convergence(
     for loaded_run in run_epochs(run):
         epoch, config = typing.cast(int, loaded_run.epoch), loaded_run.config
         features = RunFeatures(
-            loaded_run, config.prompt, gradients or GradientSettings(), config.model, settings.shard_size
+            loaded_run,
+            config.prompt,
+            gradients or GradientSettings(),
+            config.model,
+            settings.shard_size,
+            settings.needs_kronecker,
         )
         train, test, _ = features.in_memory()
         task = loaded_run.task

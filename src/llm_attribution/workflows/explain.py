@@ -106,7 +106,14 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
             max_new_tokens=settings.max_new_tokens,
         )
     query = Example(QUERY_ID, prompt, response, "?")
-    features = RunFeatures(loaded_run, config.prompt, GradientSettings(), config.model, attribute.shard_size)
+    features = RunFeatures(
+        loaded_run,
+        config.prompt,
+        GradientSettings(),
+        config.model,
+        attribute.shard_size,
+        attribute.needs_kronecker,
+    )
     train = features.stream("train")  # read back shard by shard: memory does not grow with the training set
     test = features.collect([query], desc="query")
     train_examples = loaded_run.task.train

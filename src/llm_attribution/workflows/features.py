@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import distributed
 from ..core.settings import to_dict
 from ..data.schema import Example, data_fingerprint
 from ..data.templates import PromptSettings
 from ..features.gradients import Features, GradientSettings, collect_features
-from ..features.ranks import collect_on_ranks
+from ..features.kronecker import KroneckerFactors
+from ..features.ranks import collect_on_ranks, factors_on_ranks
 from ..features.store import FeatureStore
 from ..models.settings import ModelSettings
 from ..models.tuning import checkpoint_fingerprint
@@ -46,6 +48,7 @@ class RunFeatures:
     gradients: GradientSettings
     model_settings: ModelSettings
     shard_size: int = 256
+    kronecker: bool = False  # also keep the training split's token-level Kronecker factors (K-FAC, EK-FAC)
 
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
@@ -76,16 +79,66 @@ class RunFeatures:
         return {split: self.store(split).folder.name for split in ("train", "test")}
 
     def load(self, split: str) -> Features:
-        """One split's features in memory, from the store when they were computed with these settings."""
-        return self.store(split).compute(self.examples(split), self._collector(split))
+        """One split's features in memory, from the store when they were computed with these settings
+        (with the training split's Kronecker factors when :attr:`kronecker` asks for them)."""
+        if not self._wants_kronecker(split):
+            return self.store(split).compute(self.examples(split), self._collector(split))
+        factors = KroneckerFactors()
+        features = self.store(split).compute(self.examples(split), self._collector(split, factors))
+        features.kronecker = self._kronecker_after(factors)
+        return features
 
     def stream(self, split: str) -> TrainFeatures:
         """One split's features stored (the missing shards computed, one at a time) and read back as
         passes over the store's shards: never all in memory."""
         examples = self.examples(split)
         store = self.store(split)
-        store.ensure(examples, self._collector(split))
-        return TrainFeatures.from_store(store, examples)
+        if not self._wants_kronecker(split):
+            store.ensure(examples, self._collector(split))
+            return TrainFeatures.from_store(store, examples)
+        factors = KroneckerFactors()
+        store.ensure(examples, self._collector(split, factors))
+        return TrainFeatures.from_store(store, examples, self._kronecker_after(factors))
+
+    def kronecker_factors(self) -> KroneckerFactors:
+        """The training split's token-level Kronecker factors: stored, or from one more pass over it (the
+        per-example gradients it forms on the way are dropped, a shard at a time)."""
+        store = self.store("train")
+        found = store.stored_kronecker()
+        if found is None:
+            found = factors_on_ranks(self.examples("train"), self._accumulate_factors)
+            store.put_kronecker(found)
+        return found
+
+    def _wants_kronecker(self, split: str) -> bool:
+        return self.kronecker and split == "train"
+
+    def _kronecker_after(self, gathered: KroneckerFactors) -> KroneckerFactors:
+        """The factors once the split's shards are stored: those gathered while the shards were computed
+        when every shard was computed now (the same pass), else the stored or a separate pass's."""
+        store = self.store("train")
+        if store.stored_kronecker() is None:
+            if distributed.active():  # each rank gathered the factors of its slices of the shards
+                parts = distributed.all_gather_object(gathered)
+                gathered = functools.reduce(KroneckerFactors.merged, parts)
+            if gathered.examples == len(self.examples("train")):
+                store.put_kronecker(gathered)
+                return gathered
+        return self.kronecker_factors()
+
+    def _accumulate_factors(self, examples: Sequence[Example], into: KroneckerFactors) -> None:
+        for start in range(0, len(examples), self.shard_size):  # a shard's gradients in memory at a time
+            collect_features(
+                self.loaded_run.model,
+                self.loaded_run.tokenizer,
+                examples[start : start + self.shard_size],
+                self.prompt,
+                self.gradients,
+                representations=False,
+                desc="kronecker factors",
+                weights=self.loaded_run.weights,
+                kronecker=into,
+            )
 
     def collect(self, examples: Sequence[Example], desc: str) -> Features:
         """Features of other examples (a query), with the run's model and settings; not stored."""
@@ -107,7 +160,9 @@ class RunFeatures:
         test, test_s = _timed(lambda: self.load("test"))
         return train, test, {"features_train_s": train_s, "features_test_s": test_s}
 
-    def _collector(self, split: str) -> Callable[[Sequence[Example]], Features]:
+    def _collector(
+        self, split: str, kronecker: KroneckerFactors | None = None
+    ) -> Callable[[Sequence[Example]], Features]:
         model, tokenizer = self.loaded_run.model, self.loaded_run.tokenizer
         collect = functools.partial(
             collect_features,
@@ -117,6 +172,7 @@ class RunFeatures:
             settings=self.gradients,
             desc=f"{split} features",
             weights=self.loaded_run.weights,
+            kronecker=kronecker,
         )
         # under torchrun each rank computes a slice of every shard (collect_on_ranks); rank 0 stores it
         return functools.partial(collect_on_ranks, collect=collect)

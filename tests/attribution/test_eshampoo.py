@@ -1,4 +1,5 @@
-"""EK-FAC with example-level factors against exact computations: a dense Kronecker reference, the exact
+"""Eigenvalue-corrected Shampoo (the example-level factors once called ``ekfac-example``) against exact
+computations: a dense Kronecker reference, the exact
 inverse where the Fisher is Kronecker-diagonal, and its streamed form against the in-memory one."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ SHAPES = {"q.lora_A": (3, 7), "q.lora_B": (5, 3)}
 
 
 def _ekfac(**options: object) -> InnerProductMethod:
-    method = get_method("ekfac-example", **options)
+    method = get_method("eshampoo", **options)
     assert isinstance(method, InnerProductMethod)
     return method
 
@@ -89,3 +90,7 @@ def test_shapes_are_required_and_checked() -> None:
         _ekfac().score(train, test)
     with pytest.raises(ConfigError, match="does not hold"):
         _ekfac().bind_shapes({"q.lora_A": (4, 7), "q.lora_B": (5, 3)}).score(train, test)
+
+
+def test_the_old_name_selects_the_same_method() -> None:
+    assert type(get_method("ekfac-example")) is type(get_method("eshampoo"))
