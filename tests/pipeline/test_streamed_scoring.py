@@ -3,6 +3,7 @@ score files written column block by column block, equal to the in-memory scores 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import weakref
@@ -19,6 +20,7 @@ from llm_attribution.data.templates import PromptSettings
 from llm_attribution.evaluation.metrics import evaluate
 from llm_attribution.evaluation.score_files import read_scores
 from llm_attribution.features.gradients import GradientSettings, collect_features
+from llm_attribution.features.kronecker import KroneckerFactors
 from llm_attribution.features.ranks import slice_features
 from llm_attribution.features.store import FeatureStore
 from llm_attribution.models.lora import attach_lora
@@ -85,12 +87,14 @@ def tiny_features(tmp_path_factory):
     for projection in (None, 32):
         settings = GradientSettings(gradient_batch_size=8, projection_dim=projection)
 
-        def collect(chunk, settings=settings):
-            return collect_features(model, loaded.tokenizer, chunk, PROMPT, settings)
+        def collect(chunk, settings=settings, kronecker=None):
+            return collect_features(model, loaded.tokenizer, chunk, PROMPT, settings, kronecker=kronecker)
 
         run = tmp_path_factory.mktemp(f"run-{projection}")
         store = FeatureStore(run, "train", {"projection": projection}, shard_size=SHARD)
-        store.ensure(task.train, collect)
+        factors = KroneckerFactors()  # kfac and ekfac read the training split's token-level factors
+        store.ensure(task.train, functools.partial(collect, kronecker=factors))
+        store.put_kronecker(factors)
         stored[projection] = (store, collect(task.test))
     return task, stored
 
@@ -100,8 +104,9 @@ def test_streamed_scores_equal_in_memory_scores_for_every_method(tiny_features, 
     task, stored = tiny_features
     store, test = stored[projection]
     in_memory_train = store.load(task.train)
+    in_memory_train.kronecker = store.stored_kronecker()
     methods = {variant: get_method(variant.split(":")[0], **options) for variant, options in VARIANTS.items()}
-    train = TrainFeatures.from_store(store, task.train)
+    train = TrainFeatures.from_store(store, task.train, store.stored_kronecker())
     train_labels, test_labels = [e.label for e in task.train], [e.label for e in task.test]
     results = stream_methods(
         methods, train, test, tmp_path, train_labels, test_labels, [e.id for e in task.train]
@@ -246,7 +251,7 @@ def test_streamed_methods_hold_one_training_chunk_at_a_time(tiny_features, tmp_p
 
 def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
     """`--stream` through the CLI: the same score files (to float rounding) and metrics as in memory."""
-    methods = "hessian-free,datainf,lissa,exact,ekfac-example,kfac,ekfac,repsim"
+    methods = "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac,repsim"
     run = tmp_path / "run"
     code, _, err = run_cli(
         ["run", *tiny_run_args(train=20, test=4, epochs=1), "--methods", methods, "--out", str(run)], capsys

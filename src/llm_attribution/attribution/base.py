@@ -29,7 +29,7 @@ from ..core.progress import progress
 from ..core.settings import option, require_positive
 from ..features.kronecker import KroneckerFactors
 from .grouping import width_groups
-from .passes import BlockStatistics, TrainPasses, block_width, require_same_blocks
+from .passes import BlockStatistics, TrainPasses, block_width, full_row_norms, require_same_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,9 @@ class InnerProductMethod(Method):
     """
 
     kind: ClassVar[str] = GRADIENT
+    # Cosine scores: each product divided by the norms, over every block, of the test and the training
+    # gradient (applied once the sum over blocks is complete, so it holds on every schedule).
+    cosine: ClassVar[bool] = False
 
     @abstractmethod
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
@@ -225,6 +228,8 @@ class InnerProductMethod(Method):
             if after_group is not None and index + 1 < len(groups):
                 after_group(PartialScores(ends[index], out))
         self.end_scoring(len(names))
+        if self.cosine:
+            out /= _denominator(full_row_norms(test), full_row_norms(train)).to(device=device, dtype=dtype)
         return out.to(torch.float32)
 
     def stream(
@@ -239,8 +244,12 @@ class InnerProductMethod(Method):
         self.end_scoring(len(train.statistics()))
         first = next(iter(test.values()))
         empty = torch.empty(first.shape[0], 0, dtype=dtype, device=first.device)
+        columns = self.score_columns(transformed, train, empty)
+        if not self.cosine:
+            return transformed, (scores.to(torch.float32) for _, scores in columns)
+        denominator = _denominator(full_row_norms(test), train.row_norms())
         return transformed, (
-            scores.to(torch.float32) for _, scores in self.score_columns(transformed, train, empty)
+            (scores / denominator[:, cols].to(scores)).to(torch.float32) for cols, scores in columns
         )
 
     def score_streamed(self, train: TrainPasses, test: GradientBlocks) -> Iterator[torch.Tensor]:
@@ -280,6 +289,12 @@ class InnerProductMethod(Method):
             for cols in self.chunks(out.shape[1]):
                 parts = self.product(low[:, rows], stacked[:, cols])
                 out[rows, cols] += parts.sum(dim=0, dtype=out.dtype)
+
+
+def _denominator(test_norms: torch.Tensor, train_norms: torch.Tensor) -> torch.Tensor:
+    """``|g_test| |g_train|`` for every pair, 1 where a gradient is zero (its products are 0 anyway)."""
+    outer = torch.outer(test_norms, train_norms)
+    return torch.where(outer > 0, outer, torch.ones_like(outer))
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class TrainPasses:
         self._desc = desc
         self._statistics: dict[str, BlockStatistics] | None = None
         self._row_squares: dict[str, torch.Tensor] = {}  # held blocks only: their n squared row norms
+        self._row_norms: torch.Tensor | None = None  # float64 [n]: each row's norm over every block
         self._stacked: dict[tuple[Any, ...], list[tuple[slice, list[StackedChunk]]]] = {}
         self._dtype = torch.float32
         self.held = held  # the blocks themselves when they are in memory (a pass then costs no I/O)
@@ -166,6 +167,7 @@ class TrainPasses:
         widths: dict[str, int] = {}
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
+        totals: list[torch.Tensor] = []  # per chunk, each row's squared norm over every block
         for chunk in self:
             if not widths:
                 if not chunk:
@@ -176,17 +178,22 @@ class TrainPasses:
             if set(chunk) != set(widths):
                 raise DataError("training gradient chunks cover different blocks")
             size = next(iter(chunk.values())).shape[0]
+            chunk_total = torch.zeros(size, dtype=torch.float64)
             for name, block in chunk.items():
                 if block_width(name, block) != widths[name] or block.shape[0] != size:
                     raise DataError(f"block {name}: training chunks of inconsistent shapes")
                 self._dtype = torch.promote_types(self._dtype, block.dtype)
                 if size:
-                    total, top = _square_sum_and_max(row_norms_squared(block))
+                    squares = row_norms_squared(block)
+                    chunk_total += squares.to(device="cpu", dtype=torch.float64)
+                    total, top = _square_sum_and_max(squares)
                     sums[name] += total
                     maxima[name] = max(maxima[name], top)
+            totals.append(chunk_total)
             rows += size
         if rows <= 0:
             raise DataError("no training examples (gradient blocks have 0 rows)")
+        self._row_norms = torch.cat(totals).sqrt()
         return {name: BlockStatistics(rows, widths[name], sums[name], maxima[name]) for name in widths}
 
     def _held_statistics(self, blocks: Blocks) -> dict[str, BlockStatistics]:
@@ -205,7 +212,14 @@ class TrainPasses:
             self._dtype = torch.promote_types(self._dtype, block.dtype)
             squares = self._row_squares[name] = row_norms_squared(block)
             statistics[name] = BlockStatistics(rows, width, *_square_sum_and_max(squares))
+        self._row_norms = full_row_norms(blocks)
         return statistics
+
+    def row_norms(self) -> torch.Tensor:
+        """Float64 ``[n]`` (on the CPU): each training row's norm over every block (statistics pass)."""
+        self.statistics()
+        assert self._row_norms is not None
+        return self._row_norms
 
     def check_test(self, test: Blocks) -> list[str]:
         """Check that ``test`` has the training blocks, of equal widths; the block names in order."""
@@ -285,6 +299,12 @@ def gather_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """A block's training rows from its chunks, in order: the one chunk itself when there is one (blocks
     held in memory are not copied), else their concatenation."""
     return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
+def full_row_norms(blocks: Blocks) -> torch.Tensor:
+    """Float64 ``[n]`` (on the CPU): each row's norm over all of ``blocks`` together."""
+    total = sum(row_norms_squared(block).to(device="cpu", dtype=torch.float64) for block in blocks.values())
+    return torch.as_tensor(total, dtype=torch.float64).sqrt()
 
 
 def row_norms_squared(block: torch.Tensor) -> torch.Tensor:
