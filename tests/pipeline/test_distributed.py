@@ -24,7 +24,18 @@ from safetensors.torch import load_file
 from llm_attribution.cli import main
 from tests.helpers import tiny_run_args
 
-METHODS = ("hessian-free", "grad-cosine", "datainf", "lissa", "exact", "eshampoo", "kfac", "ekfac", "repsim")
+METHODS = (
+    "hessian-free",
+    "grad-cosine",
+    "datainf",
+    "lissa",
+    "exact",
+    "eshampoo",
+    "kfac",
+    "ekfac",
+    "repsim",
+    "bm25",
+)
 # 25 examples in batches of 8: the last batch of each epoch has 1 row, so rank 1 has an empty share
 # (it must still draw the dropout masks); the gradient shards split 13 + 12, the 5 test rows 3 + 2.
 RUN = [*tiny_run_args(train=25, test=5, epochs=2), "--methods", ",".join(METHODS)]

@@ -251,7 +251,7 @@ def test_streamed_methods_hold_one_training_chunk_at_a_time(tiny_features, tmp_p
 
 def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
     """`--stream` through the CLI: the same score files (to float rounding) and metrics as in memory."""
-    methods = "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac,repsim"
+    methods = "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac,repsim,bm25"
     run = tmp_path / "run"
     code, _, err = run_cli(
         ["run", *tiny_run_args(train=20, test=4, epochs=1), "--methods", methods, "--out", str(run)], capsys

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ GradientBlocks = Mapping[str, torch.Tensor]
 
 GRADIENT = "gradient"
 REPRESENTATION = "representation"
+TEXT = "text"
 
 PRODUCT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -321,6 +322,17 @@ class RepresentationMethod(Method):
         scoring); HIGHER = more supportive. Valid as is for a method that scores each training example
         on its own, as RepSim does; a method whose scores couple training examples must override it."""
         return self.score_representations(chunk, test)
+
+
+class TextMethod(Method):
+    """A method on the examples' text (prompt and response), with no model features: a lexical baseline."""
+
+    kind: ClassVar[str] = TEXT
+
+    @abstractmethod
+    def score_texts(self, train: Sequence[str], test: Sequence[str]) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test output more.
+        Scores may depend on the whole training corpus (BM25's IDF), so there is no per-chunk form."""
 
 
 def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str], int, int]:

@@ -10,7 +10,15 @@ import pkgutil
 from typing import Any, TypeVar
 
 from ..core.errors import ConfigError
-from .base import GRADIENT, REPRESENTATION, InnerProductMethod, Method, RepresentationMethod
+from .base import (
+    GRADIENT,
+    REPRESENTATION,
+    TEXT,
+    InnerProductMethod,
+    Method,
+    RepresentationMethod,
+    TextMethod,
+)
 
 M = TypeVar("M", bound=type[Method])
 _REGISTRY: dict[str, type[Method]] = {}
@@ -23,12 +31,16 @@ def register(cls: M) -> M:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    bases: dict[str, type[Method]] = {GRADIENT: InnerProductMethod, REPRESENTATION: RepresentationMethod}
+    bases: dict[str, type[Method]] = {
+        GRADIENT: InnerProductMethod,
+        REPRESENTATION: RepresentationMethod,
+        TEXT: TextMethod,
+    }
     expected = bases.get(str(getattr(cls, "kind", "")))
     if expected is None or not issubclass(cls, expected):
         raise TypeError(
-            f"{cls.__name__} must derive from InnerProductMethod (kind {GRADIENT!r}) or RepresentationMethod "
-            f"(kind {REPRESENTATION!r})"
+            f"{cls.__name__} must derive from InnerProductMethod (kind {GRADIENT!r}), RepresentationMethod "
+            f"(kind {REPRESENTATION!r}) or TextMethod (kind {TEXT!r})"
         )
     for key in (name, *getattr(cls, "aliases", ())):
         existing = _REGISTRY.get(key)

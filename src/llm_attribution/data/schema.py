@@ -24,6 +24,11 @@ class Example:
     response: str
     label: str
 
+    @property
+    def text(self) -> str:
+        """Prompt and response as one text (what lexical methods such as BM25 index)."""
+        return f"{self.prompt}\n{self.response}"
+
 
 @dataclass(frozen=True)
 class TaskData:

@@ -100,6 +100,7 @@ class Features:
     ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the
     trained matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
     ``kronecker``: the split's token-level Kronecker factors (K-FAC, EK-FAC), when a method asked for them.
+    ``texts``: each example's prompt and response (:attr:`~..data.schema.Example.text`), for text methods.
     """
 
     ids: list[str]
@@ -108,6 +109,7 @@ class Features:
     losses: torch.Tensor
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     kronecker: KroneckerFactors | None = None
+    texts: list[str] | None = None
 
 
 class _Capture:
@@ -225,7 +227,7 @@ def collect_features(
     finally:
         capture.remove()
     _check_finite(blocks, [e.id for e in examples])
-    return Features([e.id for e in examples], blocks, reps, losses, shapes)
+    return Features([e.id for e in examples], blocks, reps, losses, shapes, texts=[e.text for e in examples])
 
 
 def _check_projected(modules: dict[str, torch.nn.Linear], projector: KroneckerProjector | None) -> None:

@@ -40,7 +40,9 @@ def collect_on_ranks(
     described = None if local is None else (_layout(local), local.shapes)
     layout, shapes = next(item for item in distributed.all_gather_object(described) if item is not None)
     flat = distributed.all_gather_rows(None if local is None else _flatten(local, layout))
-    return _unflatten(flat, layout, [e.id for e in examples], shapes)
+    gathered = _unflatten(flat, layout, [e.id for e in examples], shapes)
+    gathered.texts = [e.text for e in examples]
+    return gathered
 
 
 def factors_on_ranks(
@@ -81,6 +83,7 @@ def slice_features(features: Features, rows: slice) -> Features:
         None if reps is None else reps[rows],
         features.losses[rows],
         features.shapes,
+        texts=None if features.texts is None else features.texts[rows],
     )
 
 

@@ -182,7 +182,9 @@ class FeatureStore:
                 f"feature shard {path} holds other examples than asked for; delete it to recompute"
             )
         shapes = {name: (o, i) for name, (o, i) in json.loads(metadata.get("shapes", "{}")).items()}
-        return _from_tensors(load(data), ids, json.loads(metadata["blocks"]), shapes)
+        features = _from_tensors(load(data), ids, json.loads(metadata["blocks"]), shapes)
+        features.texts = [e.text for e in chunk]  # the examples' own text: never stored twice
+        return features
 
 
 def load_metadata(data: bytes) -> dict[str, str]:
@@ -216,4 +218,5 @@ def _concat(parts: list[Features]) -> Features:
         representations=torch.cat(reps) if all(r is not None for r in reps) else None,  # type: ignore[arg-type]
         losses=torch.cat([p.losses for p in parts]),
         shapes=parts[0].shapes,
+        texts=[t for p in parts for t in p.texts] if all(p.texts is not None for p in parts) else None,  # type: ignore[union-attr]
     )

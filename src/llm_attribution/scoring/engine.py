@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from ..attribution.base import InnerProductMethod, Method, PartialScores, RepresentationMethod
+from ..attribution.base import (
+    InnerProductMethod,
+    Method,
+    PartialScores,
+    RepresentationMethod,
+    TextMethod,
+)
 from ..attribution.passes import TrainPasses
 from ..core import distributed
 from ..core.errors import ConfigError
@@ -130,6 +136,8 @@ def score_features(method: Method, train: Features, test: Features) -> torch.Ten
     if isinstance(method, InnerProductMethod):
         bind(method, test, train)
         return method.score(train.blocks, test.blocks)
+    if isinstance(method, TextMethod):
+        return method.score_texts(_texts(method, train), _texts(method, test))
     return _representation_method(method).score_representations(
         _representations(method, train), _representations(method, test)
     )
@@ -175,6 +183,8 @@ def score_chunks(
 
     The transform's passes run now; the scoring pass runs as the chunks are consumed. ``passes`` shares
     one statistics pass among several methods (default: a fresh one over ``train``)."""
+    if isinstance(method, TextMethod):
+        return None, _text_chunks(method, train, test)
     if not isinstance(method, InnerProductMethod):
         return None, _representation_chunks(_representation_method(method), train, test)
     bind(method, test, train)
@@ -217,6 +227,21 @@ def _representations(method: Method, features: Features) -> torch.Tensor:
     if features.representations is None:
         raise ConfigError(f"{method.name} needs representations, which these features do not hold")
     return features.representations
+
+
+def _texts(method: Method, features: Features | TrainFeatures) -> Sequence[str]:
+    if features.texts is None:
+        raise ConfigError(f"{method.name} needs the examples' texts, which these features do not hold")
+    return features.texts
+
+
+def _text_chunks(method: TextMethod, train: TrainFeatures, test: Features) -> Iterator[torch.Tensor]:
+    """A text method's scores, one training chunk's columns at a time (computed whole: a lexical index
+    over every training text is small beside gradients, and its IDF needs the whole corpus)."""
+    scores = method.score_texts(_texts(method, train), _texts(method, test))
+    width = -(-train.rows // max(train.chunks, 1))
+    for start in range(0, train.rows, width):
+        yield scores[:, start : start + width]
 
 
 def _representation_chunks(

@@ -21,6 +21,7 @@ class TrainFeatures:
     chunks: int
     rows: int
     kronecker: KroneckerFactors | None = None  # the split's token-level factors, when a method asked
+    texts: Sequence[str] | None = None  # each example's prompt and response, for text methods
 
     @classmethod
     def from_store(
@@ -28,7 +29,8 @@ class TrainFeatures:
     ) -> TrainFeatures:
         """The stored shards of a complete split, each read (and checked) when its turn comes."""
         chunks = -(-len(examples) // store.shard_size)
-        return cls(lambda: store.shards(examples), chunks, len(examples), kronecker)
+        texts = [e.text for e in examples]
+        return cls(lambda: store.shards(examples), chunks, len(examples), kronecker, texts)
 
     def gradient_passes(self) -> TrainPasses:
         """The gradient blocks of these passes (statistics computed once, on first use)."""
