@@ -13,6 +13,7 @@ from llm_attribution.evaluation.lds import (
     label_oracle_scores,
     lds_per_test,
     noise_ceiling,
+    paired_lds,
     spearman_rows,
     subset_masks,
 )
@@ -108,3 +109,17 @@ def test_noise_ceiling_and_label_oracle() -> None:
     assert noise_ceiling(losses, losses).tolist() == pytest.approx([1.0] * effects.shape[0])
     oracle = label_oracle_scores(["a", "b", "a"], ["a", "b"])
     assert oracle.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+
+
+def test_paired_lds_takes_the_best_minus_each_on_the_same_tests() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.0, 0.6, size=40)  # tests vary far more than the methods differ
+    per_test = {
+        "a": list(base + 0.05),
+        "b": list(base),
+        "c": [*list(base[:-1] + rng.normal(0.0, 0.05, size=39)), None],  # one test undefined
+    }
+    found = {other: diff for best, other, diff in paired_lds(per_test) if best == "a"}
+    assert set(found) == {"b", "c"}
+    assert found["b"].mean == pytest.approx(0.05) and found["b"].resolved  # paired: resolved at once
+    assert found["c"].low < found["c"].mean < found["c"].high

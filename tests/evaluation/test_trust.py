@@ -74,3 +74,13 @@ def test_the_shipped_calibration_loads_and_gives_one_verdict_per_test() -> None:
     readings = trust_readings({"a": rng.random((4, 50)), "b": rng.random((4, 50))})
     assert len(readings["a"]["verdicts"]) == 4 and sum(readings["a"]["counts"].values()) == 4
     assert set(readings["a"]["verdicts"]) <= set(VERDICTS)
+
+
+def test_a_method_the_calibration_never_saw_is_marked_as_an_extrapolation() -> None:
+    model = shipped_trust_model()
+    assert model is not None
+    assert model.calibrated_for("hessian-free") and not model.calibrated_for("bm25")
+    assert not model.calibrated_for("free")  # a method name, not a substring of one
+    rng = np.random.default_rng(4)
+    readings = trust_readings({"hessian-free": rng.random((2, 30)), "bm25": rng.random((2, 30))})
+    assert readings["hessian-free"]["calibrated"] and not readings["bm25"]["calibrated"]

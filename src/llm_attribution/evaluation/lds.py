@@ -23,7 +23,7 @@ import torch
 
 from ..core.errors import ConfigError, DataError
 from ..core.seeds import block_seed
-from .statistics import bootstrap_ci
+from .statistics import Difference, bootstrap_ci, paired_difference
 
 
 def subset_size(n_train: int, fraction: float) -> int:
@@ -155,3 +155,20 @@ class LdsSummary:
 
     def to_dict(self) -> dict[str, object]:
         return {"mean": self.mean, "ci95": [self.low, self.high], "per_test": self.per_test}
+
+
+def paired_lds(per_test: dict[str, Sequence[float | None]]) -> list[tuple[str, str, Difference]]:
+    """The method with the highest mean LDS minus each other method, paired on the same test examples
+    (``None``/NaN where a test's LDS is undefined is left out of both), with 95% intervals."""
+    values = {
+        name: np.array([np.nan if v is None else v for v in row], dtype=np.float64)
+        for name, row in per_test.items()
+    }
+    if len(values) < 2:
+        return []
+    best = max(values, key=lambda name: float(np.nanmean(values[name])))
+    return [
+        (best, other, paired_difference(values[best][None, :], values[other][None, :]))
+        for other in values
+        if other != best
+    ]

@@ -121,6 +121,10 @@ class TrustModel:
         """One of :data:`VERDICTS` per test example, or ``"unknown"`` without a second method."""
         return [verdict_of(value, self.low, self.high) for value in self.predict(signals).tolist()]
 
+    def calibrated_for(self, method: str) -> bool:
+        """Whether the fit saw ``method`` on some task (its verdicts for another method extrapolate)."""
+        return any(entry.rpartition("/")[2] == method for entry in self.fitted_on)
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "fitted_on": list(self.fitted_on)}
 
@@ -194,6 +198,7 @@ def trust_readings(scores: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str,
             "agreement": _listed(signals.agreement),
             "margin": _listed(signals.margin),
             "predicted_lds": _listed(model.predict(signals)),
+            "calibrated": model.calibrated_for(name),
         }
     return found
 

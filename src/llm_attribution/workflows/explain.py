@@ -50,6 +50,7 @@ class Trust:
     margin: float  # (mean of its top-k - mean of all) / std of all
     predicted_lds: float
     k: int  # the top-k the signals look at
+    calibrated: bool = True  # whether the calibration was fitted with this method among its methods
 
 
 @dataclass
@@ -139,6 +140,7 @@ def judge_trust(scores: dict[str, torch.Tensor]) -> dict[str, Trust]:
             float(signals.margin[0]),
             predicted,
             trust_k(next(iter(scores.values())).shape[1]),
+            model.calibrated_for(name),
         )
     return found
 
@@ -177,6 +179,7 @@ def format_explanation(explanation: Explanation, width: int = 90) -> str:
             lines.append(
                 f"trust: {trust.verdict} (predicted LDS {trust.predicted_lds:.2f}, from top-{trust.k} "
                 f"agreement with the other methods {trust.agreement:.2f} and score margin {trust.margin:.2f})"
+                + ("" if trust.calibrated else f"; the calibration never saw {name}: an extrapolation")
             )
         lines.append(f"{'rank':>4}  {'score':>10}  {'label':<14}  training example")
         for r in rows:

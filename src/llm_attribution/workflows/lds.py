@@ -33,6 +33,7 @@ from ..evaluation.lds import (
     label_oracle_scores,
     lds_per_test,
     noise_ceiling,
+    paired_lds,
     subset_masks,
     subset_size,
 )
@@ -316,6 +317,16 @@ def lds_lines(record: dict[str, Any]) -> list[str]:
             f"{kind + ' (CG)':<16} {cell(entry)}  on test rows {entry['test_rows']} ({state}); "
             f"the same rows: {paired}"
         )
+    methods = record["losses"]["attributed"]["methods"]
+    differences = paired_lds({name: methods[name]["per_test"] for name in record["methods"]})
+    if differences:
+        lines.append("paired on the same test examples (attributed loss), the best minus each:")
+        for best, other, difference in differences:
+            resolved = "resolved" if difference.resolved else "not resolved"
+            lines.append(
+                f"  {best} - {other:<14} {difference.mean:+.3f} "
+                f"[{difference.low:+.3f}, {difference.high:+.3f}]  {resolved}"
+            )
     cost = record["cost"]
     lines.append(f"seconds per retrain: {cost['seconds_per_retrain']:.1f}")
     return lines
