@@ -21,7 +21,8 @@ lissa, -study      statistics, then ``F`` (``d x d``) when    ``d x d``, else ``
 eshampoo           statistics, factors, eigenvalues           ``o x o``, ``i x i`` and ``o x i``
 kfac               statistics (token-level factors given)     ``o x o``, ``i x i`` and ``o x i``
 ekfac              statistics, eigenvalues                    ``o x o``, ``i x i`` and ``o x i``
-repsim             --                                         --
+grad-cosine        statistics (its row norms too)             --
+repsim, bm25       --                                         --
 =================  =========================================  =============================================
 
 The statistics pass (per-block damping, norms, validation) is done once and shared by every method
