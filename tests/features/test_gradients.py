@@ -140,3 +140,23 @@ def test_study_padding_gradients_equal_the_official_loss(lora_model) -> None:
     masked = collect_features(model, tokenizer, examples, PROMPT, GradientSettings(gradient_batch_size=3))
     assert torch.allclose(got.representations, masked.representations, atol=1e-5)
     assert _rel_err(got.blocks[name], masked.blocks[name]) > 1e-3  # the pads' loss changes the gradients
+
+
+def test_representation_gradients_equal_one_backward_per_example(lora_model) -> None:
+    """RepT's half from the batched pass: d(own loss)/d(last hidden state at the last prompt token), the
+    same as one example alone (padding and the other rows of the batch change nothing)."""
+    model, tokenizer = lora_model
+    examples = toy_task(n_train=9).train
+    got = collect_features(model, tokenizer, examples, PROMPT, GradientSettings(gradient_batch_size=4))
+    assert got.representation_gradients is not None and got.representations is not None
+    for row, enc in enumerate(encode_examples(examples, tokenizer, PROMPT)):
+        batch = collate([enc], tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        out = model(**batch, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        loss, _ = per_example_losses(out.logits, labels)
+        [grad] = torch.autograd.grad(loss.sum(), [hidden])
+        want = grad[0, enc.last_prompt_index]
+        assert _rel_err(got.representation_gradients[row], want) < REL_TOL
+        assert _rel_err(got.representations[row], hidden[0, enc.last_prompt_index].detach()) < REL_TOL
+    assert float(got.representation_gradients.norm()) > 0

@@ -8,10 +8,12 @@ import torch
 from llm_attribution.attribution.registry import available_methods, get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.data.templates import PromptSettings
+from llm_attribution.features.checkpoints import stack_checkpoints, stack_moments
 from llm_attribution.features.gradients import GradientSettings, collect_features
 from llm_attribution.features.kronecker import KroneckerFactors
 from llm_attribution.features.projection import BlockProjection, KroneckerProjector, factor_dims
 from llm_attribution.models.lora import attach_lora
+from llm_attribution.models.moments import OptimizerMoments
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
 from llm_attribution.models.tuning import lora_modules
@@ -143,8 +145,21 @@ def test_every_method_runs_on_projected_features(lora_model) -> None:
     test = collect_features(model, tokenizer, task.test, PROMPT, settings)
     assert all(block.shape[1] <= 32 for block in train.blocks.values())
     assert all(o * i == train.blocks[name].shape[1] for name, (o, i) in train.shapes.items())
+    # the moments of the unprojected LoRA matrices, as fine-tuning saves them
+    widths = {name: module.weight.numel() for name, module in lora_modules(model).items()}
+    ones = {name: torch.ones(width) for name, width in widths.items()}
+    moments = OptimizerMoments(ones, ones, dict.fromkeys(widths, 3), 0.9, 0.999, 1e-8)
+    stacked = [stack_checkpoints({1: features}, {1: 1e-3}) for features in (train, test)]
     for name in available_methods():
-        scores = score_features(get_method(name), train, test)
+        method = get_method(name)
+        on = stacked if method.needs_checkpoints else (train, test)
+        if method.needs_moments:  # preconditions per coordinate: projected rows are refused, in one line
+            for features in on:
+                features.moments = moments if not method.needs_checkpoints else stack_moments({1: moments})
+            with pytest.raises(ConfigError, match="unprojected gradients"):
+                score_features(method, *on)
+            continue
+        scores = score_features(method, *on)
         assert scores.shape == (4, 12) and torch.isfinite(scores).all(), name
         assert scores.abs().sum() > 0, name
 

@@ -33,7 +33,11 @@ METHODS = (
     "eshampoo",
     "kfac",
     "ekfac",
+    "tracin",
+    "less",
+    "trackstar",
     "repsim",
+    "rept",
     "bm25",
 )
 # 25 examples in batches of 8: the last batch of each epoch has 1 row, so rank 1 has an empty share

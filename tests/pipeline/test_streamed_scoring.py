@@ -3,6 +3,7 @@ score files written column block by column block, equal to the in-memory scores 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -14,16 +15,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llm_attribution.attribution.registry import available_methods, get_method
+from llm_attribution.attribution.registry import available_methods, get_method, method_class
 from llm_attribution.core.errors import RunError
 from llm_attribution.data.templates import PromptSettings
 from llm_attribution.evaluation.metrics import evaluate
 from llm_attribution.evaluation.score_files import read_scores
+from llm_attribution.features.checkpoints import stack_checkpoints
 from llm_attribution.features.gradients import GradientSettings, collect_features
 from llm_attribution.features.kronecker import KroneckerFactors
 from llm_attribution.features.ranks import slice_features
 from llm_attribution.features.store import FeatureStore
 from llm_attribution.models.lora import attach_lora
+from llm_attribution.models.moments import OptimizerMoments
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
 from llm_attribution.scoring.engine import (
@@ -45,8 +48,15 @@ SHARD = 5  # 23 training examples: 4 full shards and a partial one
 # Every registered method with its defaults, and the streamed forms the defaults do not reach on these
 # 256-wide blocks: LiSSA with one pass per step (blocks wider than chunk_size) and with mini-batches, and
 # exact through Woodbury (n_train < d) and through the d x d system.
+# methods on one adapter's features (those that read the trajectory or the optimizer have their own test)
+ADAPTER_METHODS = [
+    name
+    for name in available_methods()
+    if not (method_class(name).needs_checkpoints or method_class(name).needs_moments)
+]
+TRAJECTORY_METHODS = sorted(set(available_methods()) - set(ADAPTER_METHODS))
 VARIANTS = {
-    **{name: {} for name in available_methods()},
+    **{name: {} for name in ADAPTER_METHODS},
     "lissa:passes": {"chunk_size": 64, "depth": 15},
     "lissa:mini-batches": {"batch_size": 6, "depth": 15},
     "exact:dense": {"solver": "dense"},
@@ -119,6 +129,44 @@ def test_streamed_scores_equal_in_memory_scores_for_every_method(tiny_features, 
         whole = evaluate(got, train_labels, test_labels)
         assert np.array_equal(results[variant].metrics.per_test_coverage, whole.per_test_coverage), variant
         assert results[variant].metrics.accuracy == whole.accuracy
+
+
+def _moments(features, seed: int) -> OptimizerMoments:  # type: ignore[no-untyped-def]
+    """Random AdamW moments of the features' blocks (second moments positive), as a run saves them."""
+    generator = torch.Generator().manual_seed(seed)
+    first = {name: 1e-3 * torch.randn(b.shape[1], generator=generator) for name, b in features.blocks.items()}
+    second = {name: 1e-6 * torch.rand(b.shape[1], generator=generator) for name, b in features.blocks.items()}
+    return OptimizerMoments(first, second, dict.fromkeys(first, 7), 0.9, 0.999, 1e-8)
+
+
+def test_trajectory_methods_stream_chunk_by_chunk(tiny_features, tmp_path) -> None:
+    """TracIn, LESS and TrackStar read the stacked checkpoints and the moments through every training chunk:
+    streamed (two "epochs" of 5 shards read side by side) equals in memory."""
+    task, stored = tiny_features
+    store, test = stored[None]
+    memory = store.load(task.train)
+    memory.moments = _moments(memory, 0)
+    test.moments = memory.moments
+    streamed = dataclasses.replace(TrainFeatures.from_store(store, task.train), moments=memory.moments)
+    rates = {1: 2e-3, 2: 5e-4}
+    stacked_memory = stack_checkpoints({1: memory, 2: memory}, rates)
+    stacked_test = stack_checkpoints({1: test, 2: test}, rates)
+    stacked_streamed = TrainFeatures.stacked({1: streamed, 2: streamed}, rates)
+    assert stacked_streamed.chunks == 5
+    labels = [e.label for e in task.train], [e.label for e in task.test]
+    for name in TRAJECTORY_METHODS:
+        method = get_method(name)
+        on = (
+            (stacked_memory, stacked_streamed, stacked_test)
+            if method.needs_checkpoints
+            else (memory, streamed, test)
+        )
+        expected = score_features(method, on[0], on[2])
+        results = stream_methods(
+            {name: method}, on[1], on[2], tmp_path / name, *labels, [e.id for e in task.train]
+        )
+        got = read_scores(results[name].path)
+        assert float((got - expected).norm() / expected.norm()) < STREAMED_TOL, name
 
 
 def test_score_file_carries_ids_and_is_judged_in_row_blocks(tiny_features, tmp_path, monkeypatch) -> None:
@@ -251,7 +299,12 @@ def test_streamed_methods_hold_one_training_chunk_at_a_time(tiny_features, tmp_p
 
 def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
     """`--stream` through the CLI: the same score files (to float rounding) and metrics as in memory."""
-    methods = "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac,repsim,bm25"
+    methods = ",".join(
+        (
+            "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac",
+            "tracin,less,trackstar,repsim,rept,bm25",
+        )
+    )
     run = tmp_path / "run"
     code, _, err = run_cli(
         ["run", *tiny_run_args(train=20, test=4, epochs=1), "--methods", methods, "--out", str(run)], capsys

@@ -28,6 +28,7 @@ from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
 from ..features.kronecker import KroneckerFactors
+from ..models.moments import OptimizerMoments
 from .grouping import width_groups
 from .passes import BlockStatistics, TrainPasses, block_width, full_row_norms, require_same_blocks
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 GradientBlocks = Mapping[str, torch.Tensor]
 """Block name (one LoRA matrix) -> ``[n_examples, d_block]`` per-example gradients."""
 
+TRAIN, TEST = "train", "test"  # the sides of InnerProductMethod.prepare
 GRADIENT = "gradient"
 REPRESENTATION = "representation"
 TEXT = "text"
@@ -96,6 +98,10 @@ class Method(ABC):
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     # whether scoring needs the training split's token-level Kronecker factors (collected with the features)
     needs_kronecker: ClassVar[bool] = False
+    # whether scoring needs the gradients of every saved checkpoint, stacked (features/checkpoints.py)
+    needs_checkpoints: ClassVar[bool] = False
+    # whether scoring needs AdamW's moment estimates at the checkpoint(s) (models/moments.py)
+    needs_moments: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None) -> None:
         if settings is None:
@@ -105,6 +111,8 @@ class Method(ABC):
         self.settings = settings
         self.block_shapes: dict[str, tuple[int, int]] = {}
         self.kronecker: KroneckerFactors | None = None
+        self.learning_rates: dict[int, float] = {}
+        self.moments: OptimizerMoments | None = None
 
     def bind_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> Method:
         """Tell the method each gradient block's matrix shape ``(o, i)`` (rows are ``o x i`` matrices
@@ -116,6 +124,18 @@ class Method(ABC):
         """Give the method the training split's token-level Kronecker factors (methods with
         ``needs_kronecker``; the pipeline binds those its features hold); returns the method itself."""
         self.kronecker = factors
+        return self
+
+    def bind_learning_rates(self, rates: Mapping[int, float] | None) -> Method:
+        """Give a method with ``needs_checkpoints`` each stacked epoch's mean learning rate (the pipeline
+        binds those its features hold); returns the method itself."""
+        self.learning_rates = {int(e): float(r) for e, r in (rates or {}).items()}
+        return self
+
+    def bind_moments(self, moments: OptimizerMoments | None) -> Method:
+        """Give a method with ``needs_moments`` the optimizer's moments of every block its features hold;
+        returns the method itself."""
+        self.moments = moments
         return self
 
     @property
@@ -170,6 +190,9 @@ class InnerProductMethod(Method):
     # Cosine scores: each product divided by the norms, over every block, of the test and the training
     # gradient (applied once the sum over blocks is complete, so it holds on every schedule).
     cosine: ClassVar[bool] = False
+    # Whether transform_test approximates a damped inverse-Fisher product (compared with exact's); False
+    # for methods with no curvature or another preconditioner (grad-cosine, TracIn, LESS, TrackStar).
+    inverse_fisher: ClassVar[bool] = True
 
     @abstractmethod
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
@@ -179,6 +202,18 @@ class InnerProductMethod(Method):
         ``train`` is read in passes over its chunks (its statistics -- damping, norms -- come free); the
         passes a method makes and the memory it holds besides are tabled in :mod:`.passes`.
         """
+
+    def prepare(self, rows: GradientBlocks, side: str) -> GradientBlocks:
+        """A map of every block of some rows at once, made before anything else sees them: of the test rows
+        (``side="test"``) and of each training chunk (``"train"``; the statistics are then of the mapped
+        rows). It must treat each row on its own, so that chunking does not change it. Default: none
+        (LESS and TrackStar precondition with the optimizer's moments and normalise here)."""
+        return rows
+
+    @property
+    def prepares(self) -> bool:
+        """Whether the method maps rows in :meth:`prepare` (the passes are then read through it)."""
+        return type(self).prepare is not InnerProductMethod.prepare
 
     def begin_scoring(self) -> None:
         """Called before a score matrix is computed (its transforms may come group by group)."""
@@ -204,6 +239,8 @@ class InnerProductMethod(Method):
         scored before the next; ``after_group`` is given the running sum after each group but the last,
         and scoring given that sum as ``partial`` resumes there with identical results. A partial sum
         that does not end on a group boundary is not used."""
+        if self.prepares:
+            train, test = self.prepare(train, TRAIN), self.prepare(test, TEST)
         names, n_train, n_test = check_blocks(train, test)
         dtype = compute_dtype(train, test)
         device = train[names[0]].device
@@ -239,6 +276,8 @@ class InnerProductMethod(Method):
         """The transformed test gradients (their passes are read now) and, lazily, the float32
         ``[n_test, n_chunk]`` scores of each training chunk in turn (the columns of :meth:`score`, read in
         one more pass); HIGHER = the training example supports the test output more."""
+        if self.prepares:
+            train, test = train.mapped(lambda chunk: self.prepare(chunk, TRAIN)), self.prepare(test, TEST)
         dtype = train.compute_dtype(test)
         self.begin_scoring()
         transformed = self.transform_test(train, test)
@@ -311,6 +350,9 @@ class RepresentationMethod(Method):
     """A method on fixed-size representations (hidden states) instead of gradients."""
 
     kind: ClassVar[str] = REPRESENTATION
+    # whether each representation is joined with the gradient of the example's loss with respect to it
+    # (RepT's signature) instead of the hidden state alone
+    with_gradients: ClassVar[bool] = False
 
     @abstractmethod
     def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:

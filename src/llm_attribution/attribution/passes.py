@@ -112,6 +112,17 @@ class TrainPasses:
             held=blocks,
         )
 
+    def mapped(self, rows: Callable[[Blocks], Blocks]) -> TrainPasses:
+        """The same passes with every chunk read through ``rows`` (a map of each row on its own); blocks
+        held in memory are mapped once."""
+        if self.held is not None:
+            return TrainPasses.from_blocks(rows(self.held), self._held_chunk(), self._desc)
+        return TrainPasses(lambda: (rows(chunk) for chunk in self._passes()), self._chunks, self._desc)
+
+    def _held_chunk(self) -> int:
+        first = next(iter(self._passes()), None)
+        return max(next(iter(first.values())).shape[0], 1) if first else 1
+
     def __iter__(self) -> Iterator[Blocks]:
         self.count += 1
         if self._desc is None:

@@ -191,7 +191,7 @@ def inner_product_methods(
     return {
         name: method
         for name, method in methods.items()
-        if isinstance(method, InnerProductMethod) and name not in left_out
+        if isinstance(method, InnerProductMethod) and method.inverse_fisher and name not in left_out
     }
 
 

@@ -36,6 +36,7 @@ from ..core.settings import option, require, require_positive
 from ..data.schema import Example
 from ..data.templates import IGNORE_INDEX, Encoded, PromptSettings, collate, encode_examples
 from ..models.device import autocast
+from ..models.moments import OptimizerMoments
 from ..models.tuning import FULL_UNPROJECTED_LIMIT, LoraWeights, TunedWeights
 from .kronecker import KroneckerFactors, flat_tokens
 from .projection import KroneckerProjector
@@ -96,11 +97,17 @@ class Features:
     ``blocks``: trained module's block name -> float32 ``[n, d_block]`` gradients of each example's own loss
     (``[n, k_block]`` when projected).
     ``representations``: float32 ``[n, hidden]`` last-layer hidden state at the last prompt token (RepSim).
+    ``representation_gradients``: float32 ``[n, hidden]`` the gradient of each example's own loss with
+    respect to that hidden state (RepT), from the same backward pass as the weight gradients.
     ``losses``: float32 ``[n]`` each example's loss.
     ``shapes``: block name -> ``(o, i)``, the matrix each gradient row flattens (row-major): the
     trained matrix's weight shape, or its projected shape (empty when unknown, as in features built by hand).
     ``kronecker``: the split's token-level Kronecker factors (K-FAC, EK-FAC), when a method asked for them.
     ``texts``: each example's prompt and response (:attr:`~..data.schema.Example.text`), for text methods.
+    ``learning_rates``: for features of several checkpoints stacked (:mod:`.checkpoints`), each epoch's
+    mean learning rate; None for the features of one adapter.
+    ``moments``: AdamW's moment estimates of each block at the features' checkpoint(s), when a method
+    (LESS, TrackStar) asked for them.
     """
 
     ids: list[str]
@@ -110,6 +117,9 @@ class Features:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     kronecker: KroneckerFactors | None = None
     texts: list[str] | None = None
+    learning_rates: dict[int, float] | None = None
+    moments: OptimizerMoments | None = None
+    representation_gradients: torch.Tensor | None = None
 
 
 class _Capture:
@@ -185,6 +195,7 @@ def collect_features(
         for name, m in modules.items()
     }
     reps: torch.Tensor | None = None
+    rep_grads: torch.Tensor | None = None
     losses = torch.empty(n, dtype=torch.float32)
     batches = length_batches(encoded, settings.gradient_batch_size)
     capture = _Capture(modules)
@@ -203,10 +214,15 @@ def collect_features(
             loss, counts = per_example_losses(out.logits, labels)
             check_rows(loss, counts, [examples[i].id for i in rows])
             names = list(modules)
-            grads = torch.autograd.grad(loss.sum(), [capture.outputs[k] for k in names])
+            # An example's loss depends on no other row of the batch, so the gradient of the summed loss
+            # with respect to row i's hidden state is that of example i's own loss (RepT's signature).
+            wrt = [capture.outputs[k] for k in names]
+            grads = torch.autograd.grad(
+                loss.sum(), wrt + ([out.hidden_states[-1]] if representations else [])
+            )
             index = torch.tensor(rows)
             with torch.no_grad():
-                for name, grad_out in zip(names, grads, strict=True):
+                for name, grad_out in zip(names, grads[: len(names)], strict=True):
                     out_side, in_side = grad_out.float(), capture.inputs[name].detach().float()
                     if name in projections:  # project the factors, never the [d_out, d_in] gradient
                         out_side = projections[name].output_side(out_side)
@@ -222,12 +238,25 @@ def collect_features(
                 if reps is None:
                     reps = torch.empty(n, hidden.shape[1], dtype=torch.float32)
                 reps[index] = hidden.detach().cpu()
+                at = grads[-1][torch.arange(len(rows), device=device), last].float()
+                if rep_grads is None:
+                    rep_grads = torch.empty(n, at.shape[1], dtype=torch.float32)
+                rep_grads[index] = at.detach().cpu()
             capture.inputs.clear()
             capture.outputs.clear()
     finally:
         capture.remove()
     _check_finite(blocks, [e.id for e in examples])
-    return Features([e.id for e in examples], blocks, reps, losses, shapes, texts=[e.text for e in examples])
+    texts = [e.text for e in examples]
+    return Features(
+        [e.id for e in examples],
+        blocks,
+        reps,
+        losses,
+        shapes,
+        texts=texts,
+        representation_gradients=rep_grads,
+    )
 
 
 def _check_projected(modules: dict[str, torch.nn.Linear], projector: KroneckerProjector | None) -> None:

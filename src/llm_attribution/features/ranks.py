@@ -12,6 +12,7 @@ Without ``torchrun`` both functions simply call the work on everything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -24,6 +25,7 @@ from .kronecker import KroneckerFactors
 
 _REPRESENTATIONS = "__representations__"
 _LOSSES = "__losses__"
+_REPRESENTATION_GRADIENTS = "__representation_gradients__"
 
 
 def collect_on_ranks(
@@ -75,15 +77,17 @@ def score_on_ranks(score: Callable[[Features], torch.Tensor], test: Features) ->
 
 
 def slice_features(features: Features, rows: slice) -> Features:
-    """The features of rows ``rows`` (views, no copy)."""
-    reps = features.representations
-    return Features(
-        features.ids[rows],
-        {name: block[rows] for name, block in features.blocks.items()},
-        None if reps is None else reps[rows],
-        features.losses[rows],
-        features.shapes,
+    """The features of rows ``rows`` (views, no copy); what is not per row (shapes, factors, learning
+    rates, moments) kept as is."""
+    reps, rep_grads = features.representations, features.representation_gradients
+    return dataclasses.replace(
+        features,
+        ids=features.ids[rows],
+        blocks={name: block[rows] for name, block in features.blocks.items()},
+        representations=None if reps is None else reps[rows],
+        losses=features.losses[rows],
         texts=None if features.texts is None else features.texts[rows],
+        representation_gradients=None if rep_grads is None else rep_grads[rows],
     )
 
 
@@ -94,6 +98,8 @@ def _layout(features: Features | None) -> list[tuple[str, int]] | None:
     layout = [(name, block.shape[1]) for name, block in features.blocks.items()]
     if features.representations is not None:
         layout.append((_REPRESENTATIONS, features.representations.shape[1]))
+    if features.representation_gradients is not None:
+        layout.append((_REPRESENTATION_GRADIENTS, features.representation_gradients.shape[1]))
     return [*layout, (_LOSSES, 1)]
 
 
@@ -101,6 +107,8 @@ def _flatten(features: Features, layout: list[tuple[str, int]]) -> torch.Tensor:
     columns = {**features.blocks, _LOSSES: features.losses[:, None]}
     if features.representations is not None:
         columns[_REPRESENTATIONS] = features.representations
+    if features.representation_gradients is not None:
+        columns[_REPRESENTATION_GRADIENTS] = features.representation_gradients
     return torch.cat([columns[name].float() for name, _ in layout], dim=1)
 
 
@@ -115,6 +123,7 @@ def _unflatten(
         )
     )
     reps = parts.pop(_REPRESENTATIONS, None)
+    rep_grads = parts.pop(_REPRESENTATION_GRADIENTS, None)
     losses = parts.pop(_LOSSES)
     return Features(
         ids,
@@ -122,4 +131,5 @@ def _unflatten(
         None if reps is None else reps.contiguous(),
         losses.flatten().contiguous(),
         dict(shapes),
+        representation_gradients=None if rep_grads is None else rep_grads.contiguous(),
     )

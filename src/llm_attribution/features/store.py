@@ -41,8 +41,10 @@ MANIFEST = "manifest.json"
 KRONECKER = "kronecker.safetensors"
 REPRESENTATIONS_KEY = "__representations__"
 LOSSES_KEY = "__losses__"
+REPRESENTATION_GRADIENTS_KEY = "__representation_gradients__"
 # 3: shards record each block's matrix shape (ekfac-example needs it), so older stores are recomputed
-STORE_VERSION = 3
+# 4: shards keep the representation gradients RepT needs
+STORE_VERSION = 4
 
 
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:
@@ -198,6 +200,8 @@ def _to_tensors(features: Features) -> dict[str, torch.Tensor]:
     tensors[LOSSES_KEY] = features.losses.contiguous()
     if features.representations is not None:
         tensors[REPRESENTATIONS_KEY] = features.representations.contiguous()
+    if features.representation_gradients is not None:
+        tensors[REPRESENTATION_GRADIENTS_KEY] = features.representation_gradients.contiguous()
     return tensors
 
 
@@ -205,13 +209,16 @@ def _from_tensors(
     tensors: dict[str, torch.Tensor], ids: list[str], order: list[str], shapes: dict[str, tuple[int, int]]
 ) -> Features:
     reps = tensors.get(REPRESENTATIONS_KEY)
-    return Features(ids, {name: tensors[name] for name in order}, reps, tensors[LOSSES_KEY], shapes)
+    blocks = {name: tensors[name] for name in order}
+    rep_grads = tensors.get(REPRESENTATION_GRADIENTS_KEY)
+    return Features(ids, blocks, reps, tensors[LOSSES_KEY], shapes, representation_gradients=rep_grads)
 
 
 def _concat(parts: list[Features]) -> Features:
     if len(parts) == 1:
         return parts[0]
     reps = [p.representations for p in parts]
+    rep_grads = [p.representation_gradients for p in parts]
     return Features(
         ids=[i for p in parts for i in p.ids],
         blocks={name: torch.cat([p.blocks[name] for p in parts]) for name in parts[0].blocks},
@@ -219,4 +226,7 @@ def _concat(parts: list[Features]) -> Features:
         losses=torch.cat([p.losses for p in parts]),
         shapes=parts[0].shapes,
         texts=[t for p in parts for t in p.texts] if all(p.texts is not None for p in parts) else None,  # type: ignore[union-attr]
+        representation_gradients=(
+            torch.cat(rep_grads) if all(g is not None for g in rep_grads) else None  # type: ignore[arg-type]
+        ),
     )

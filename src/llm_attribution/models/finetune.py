@@ -31,6 +31,7 @@ from ..data.templates import Encoded, PromptSettings, collate, encode_examples
 from .data_parallel import DataParallelSteps
 from .device import autocast
 from .lora import ADAPTER_WEIGHTS
+from .moments import save_moments
 from .tuning import LoraWeights, TunedWeights
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,26 @@ class LossCurve:
         }
 
 
+def decay(step: int, total: int) -> float:
+    """The schedule's factor on the peak learning rate for optimisation step ``step`` (0-based): linear
+    decay to 0 over ``total`` steps."""
+    return max(0.0, 1.0 - step / total)
+
+
+def epoch_learning_rates(settings: TrainSettings, n_train: int) -> dict[int, float]:
+    """Per epoch (1-based), the mean learning rate of the optimisation steps that epoch took: the weight
+    TracIn gives the checkpoint saved after it (the learning rate *at* each checkpoint would weigh the
+    last one 0 under a decay to 0)."""
+    steps = math.ceil(n_train / settings.batch_size)
+    total = steps * settings.epochs
+    return {
+        epoch: settings.learning_rate
+        * sum(decay(s, total) for s in range((epoch - 1) * steps, epoch * steps))
+        / steps
+        for epoch in range(1, settings.epochs + 1)
+    }
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -126,7 +147,7 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay(step, total))
     generator = torch.Generator().manual_seed(settings.seed)
     curve, first, done, partial, partial_seconds = LossCurve(), 1, 0, [], 0.0
     state = resume_state(checkpoints, weights.weights_file)
@@ -222,6 +243,7 @@ def finetune(
                 if distributed.is_main() or not shared:
                     with atomic_dir(checkpoints.adapter(epoch)) as tmp:
                         weights.save(tmp)
+                        save_moments(optimizer, weights, tmp)  # LESS and TrackStar precondition with them
                     # Written after the epoch's adapter: a state file always refers to adapters that exist.
                     _save_state(
                         checkpoints.state,

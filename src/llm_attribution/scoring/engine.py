@@ -123,11 +123,16 @@ ScoredMethods = tuple[dict[str, MethodResult], dict[str, Any]]
 
 def bind(method: Method, test: Features, train: Features | TrainFeatures | None = None) -> Method:
     """Tell ``method`` what the features know besides the gradient rows: each block's matrix shape and,
-    for a method that needs them, the training split's Kronecker factors."""
+    for a method that needs them, the training split's Kronecker factors or the stacked checkpoints'
+    learning rates."""
     shapes = train.shapes if isinstance(train, Features) else {}
     method.bind_shapes({**shapes, **test.shapes})
     if method.needs_kronecker:
         method.bind_kronecker(None if train is None else train.kronecker)
+    if method.needs_checkpoints:
+        method.bind_learning_rates(test.learning_rates if train is None else train.learning_rates)
+    if method.needs_moments:
+        method.bind_moments(test.moments if train is None else train.moments)
     return method
 
 
@@ -226,7 +231,11 @@ def _representation_method(method: Method) -> RepresentationMethod:
 def _representations(method: Method, features: Features) -> torch.Tensor:
     if features.representations is None:
         raise ConfigError(f"{method.name} needs representations, which these features do not hold")
-    return features.representations
+    if not getattr(method, "with_gradients", False):
+        return features.representations
+    if features.representation_gradients is None:
+        raise ConfigError(f"{method.name} needs representation gradients, which these features do not hold")
+    return torch.cat([features.representations, features.representation_gradients], dim=1)
 
 
 def _texts(method: Method, features: Features | TrainFeatures) -> Sequence[str]:

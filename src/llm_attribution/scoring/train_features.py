@@ -3,14 +3,16 @@ features held in memory. What the engine streams; their gradient blocks are :cla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..attribution.passes import TrainPasses
+from ..features.checkpoints import stack_checkpoints, stack_moments
 from ..features.gradients import Features
 from ..features.kronecker import KroneckerFactors
 from ..features.store import FeatureStore
+from ..models.moments import OptimizerMoments
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class TrainFeatures:
     rows: int
     kronecker: KroneckerFactors | None = None  # the split's token-level factors, when a method asked
     texts: Sequence[str] | None = None  # each example's prompt and response, for text methods
+    learning_rates: dict[int, float] | None = None  # stacked checkpoints' mean learning rates (TracIn)
+    moments: OptimizerMoments | None = None  # AdamW's moments at the checkpoint(s) (LESS, TrackStar)
 
     @classmethod
     def from_store(
@@ -31,6 +35,25 @@ class TrainFeatures:
         chunks = -(-len(examples) // store.shard_size)
         texts = [e.text for e in examples]
         return cls(lambda: store.shards(examples), chunks, len(examples), kronecker, texts)
+
+    @classmethod
+    def stacked(
+        cls, per_epoch: Mapping[int, TrainFeatures], learning_rates: Mapping[int, float]
+    ) -> TrainFeatures:
+        """Several checkpoints' passes read side by side, chunk by chunk, each chunk's features stacked
+        (:func:`~..features.checkpoints.stack_checkpoints`); the splits must be chunked alike."""
+        epochs = sorted(per_epoch)
+        last = per_epoch[epochs[-1]]
+        if any((per_epoch[e].chunks, per_epoch[e].rows) != (last.chunks, last.rows) for e in epochs):
+            raise ValueError("the checkpoints' training features are not chunked alike")
+
+        def passes() -> Iterator[Features]:
+            for chunks in zip(*(per_epoch[e].passes() for e in epochs), strict=True):
+                yield stack_checkpoints(dict(zip(epochs, chunks, strict=True)), learning_rates)
+
+        rates = {e: float(learning_rates[e]) for e in epochs}
+        moments = stack_moments({e: per_epoch[e].moments for e in epochs})
+        return cls(passes, last.chunks, last.rows, None, last.texts, rates, moments)
 
     def gradient_passes(self) -> TrainPasses:
         """The gradient blocks of these passes (statistics computed once, on first use)."""

@@ -24,10 +24,10 @@ from ..evaluation.grid import SeedScores, judge_method, paired_differences, run_
 from ..evaluation.trust import trust_readings
 from ..features.gradients import Features, GradientSettings
 from ..models.settings import ModelSettings
-from ..scoring.engine import ScoringJob, score_in_memory, score_streamed
+from ..scoring.engine import MethodResult, ScoredMethods, ScoringJob, score_in_memory, score_streamed
 from ..scoring.store import ScoreStore
 from ..scoring.train_features import TrainFeatures
-from .features import RunFeatures
+from .features import RunFeatures, by_trajectory, features_for
 from .layout import RESULTS_FILE, SETTINGS_FILE, scores_dir
 from .runs import LoadedRun
 
@@ -132,35 +132,17 @@ def attribute_run(
     features = RunFeatures(
         loaded_run, prompt, gradients, model_settings, settings.shard_size, settings.needs_kronecker
     )
-    job = ScoringJob(
-        methods=settings.build_methods(),
-        store=ScoreStore(scores_dir(run)),
-        features_key=features.keys(),
-        train_ids=[e.id for e in task.train],
-        test_ids=[e.id for e in task.test],
-        train_labels=[e.label for e in task.train],
-        test_labels=[e.label for e in task.test],
-        checkpoint_minutes=settings.score_checkpoint_minutes,
-    )
     timings: dict[str, float] = {}
     if settings.stream and distributed.active():
         log.warning("--stream scores in one process; under torchrun the ranks score test rows in memory")
-    if settings.stream and not distributed.active():
-
-        def streamed() -> tuple[TrainFeatures, Features]:
-            train, test, measured = features.streamed()
-            timings.update(measured)
-            return train, test
-
-        results, ihvp = score_streamed(job, streamed)
-    else:
-
-        def in_memory() -> tuple[Features, Features]:
-            train, test, measured = features.in_memory()
-            timings.update(measured)
-            return train, test
-
-        results, ihvp = score_in_memory(job, in_memory)
+    results: dict[str, MethodResult] = {}
+    ihvp: dict[str, Any] = {}
+    for group in by_trajectory(settings.build_methods()):
+        job = _job(group, features_for(features, group), loaded_run, settings)
+        scored, compared = _score(job, features_for(features, group), settings.stream, timings)
+        results.update(scored)
+        ihvp.update(compared)
+    results = {name: results[name] for name in settings.methods}  # in the order asked for
     adapter_sha256 = features.identity["adapter_sha256"]
     path = run / RESULTS_FILE
     record = read_json(path) if path.is_file() else {"methods": {}}
@@ -215,6 +197,47 @@ def attribute_run(
     )
     distributed.on_main(write_json_atomic, path, record)
     return record
+
+
+def _job(
+    methods: dict[str, Method], features: RunFeatures, loaded_run: LoadedRun, settings: AttributeSettings
+) -> ScoringJob:
+    task = loaded_run.task
+    return ScoringJob(
+        methods=methods,
+        store=ScoreStore(scores_dir(loaded_run.run)),
+        features_key=features.keys(),
+        train_ids=[e.id for e in task.train],
+        test_ids=[e.id for e in task.test],
+        train_labels=[e.label for e in task.train],
+        test_labels=[e.label for e in task.test],
+        checkpoint_minutes=settings.score_checkpoint_minutes,
+    )
+
+
+def _score(job: ScoringJob, features: RunFeatures, stream: bool, timings: dict[str, float]) -> ScoredMethods:
+    """The job's methods scored in memory or streamed; the seconds the features took added to ``timings``
+    (summed over the groups that loaded features)."""
+
+    def add(measured: dict[str, float]) -> None:
+        for key, seconds in measured.items():
+            timings[key] = timings.get(key, 0.0) + seconds
+
+    if stream and not distributed.active():
+
+        def streamed() -> tuple[TrainFeatures, Features]:
+            train, test, measured = features.streamed()
+            add(measured)
+            return train, test
+
+        return score_streamed(job, streamed)
+
+    def in_memory() -> tuple[Features, Features]:
+        train, test, measured = features.in_memory()
+        add(measured)
+        return train, test
+
+    return score_in_memory(job, in_memory)
 
 
 def _judge_stored(record: dict[str, Any], job: ScoringJob) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..core.storage import read_json
 from ..diagnostics.convergence import gradient_cosine
+from ..evaluation.metrics import Metrics
 from ..features.gradients import Features, GradientSettings
 from ..scoring.engine import judge_methods
 from .attribute import AttributeSettings
-from .features import RunFeatures
+from .features import RunFeatures, by_trajectory, features_for
 from .layout import FINETUNE_FILE
 from .runs import run_epochs
 
@@ -50,15 +51,13 @@ def convergence(
             settings.shard_size,
             settings.needs_kronecker,
         )
-        train, test, _ = features.in_memory()
         task = loaded_run.task
-        judged = judge_methods(
-            settings.build_methods(),
-            train,
-            test,
-            [e.label for e in task.train],
-            [e.label for e in task.test],
-        )
+        train, test, _ = features.in_memory()
+        judged: dict[str, Metrics] = {}
+        for group in by_trajectory(settings.build_methods()):
+            used = features_for(features, group)  # TracIn: the checkpoints up to this epoch
+            on = (train, test) if used is features else used.in_memory()[:2]
+            judged |= judge_methods(group, *on, [e.label for e in task.train], [e.label for e in task.test])
         rows.append(
             EpochRow(
                 epoch=epoch,

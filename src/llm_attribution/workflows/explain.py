@@ -23,7 +23,7 @@ from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings
-from .features import RunFeatures
+from .features import RunFeatures, by_trajectory, features_for
 from .runs import open_run
 
 QUERY_ID = "query"
@@ -115,14 +115,17 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
         attribute.shard_size,
         attribute.needs_kronecker,
     )
-    train = features.stream("train")  # read back shard by shard: memory does not grow with the training set
-    test = features.collect([query], desc="query")
     train_examples = loaded_run.task.train
     ranked: dict[str, list[Ranked]] = {}
     rows: dict[str, torch.Tensor] = {}
-    for name, method in attribute.build_methods().items():
-        rows[name] = stream_scores(method, train, test)
-        ranked[name] = _top(rows[name][0], train_examples, settings.top)
+    for group in by_trajectory(attribute.build_methods()):
+        used = features_for(features, group)
+        train = used.stream("train")  # read back shard by shard: memory does not grow with the training set
+        test = used.collect([query], desc="query")
+        for name, method in group.items():
+            rows[name] = stream_scores(method, train, test)
+            ranked[name] = _top(rows[name][0], train_examples, settings.top)
+    ranked = {name: ranked[name] for name in attribute.methods}  # in the order asked for
     return Explanation(prompt, response, generated, ranked, judge_trust(rows))
 
 

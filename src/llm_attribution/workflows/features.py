@@ -4,25 +4,31 @@ missing, under torchrun a slice of every shard per rank."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..attribution.base import Method
 from ..core import distributed
+from ..core.errors import ConfigError
 from ..core.settings import to_dict
 from ..data.schema import Example, data_fingerprint
 from ..data.templates import PromptSettings
+from ..features.checkpoints import stack_checkpoints
 from ..features.gradients import Features, GradientSettings, collect_features
 from ..features.kronecker import KroneckerFactors
 from ..features.ranks import collect_on_ranks, factors_on_ranks
 from ..features.store import FeatureStore
+from ..models.finetune import epoch_learning_rates
+from ..models.moments import OptimizerMoments, load_moments
 from ..models.settings import ModelSettings
 from ..models.tuning import checkpoint_fingerprint
 from ..scoring.train_features import TrainFeatures
-from .layout import features_dir
-from .runs import LoadedRun
+from .layout import adapter_dir, features_dir, saved_epochs
+from .runs import LoadedRun, select_epoch
 
 Timings = dict[str, float]
 
@@ -49,6 +55,10 @@ class RunFeatures:
     model_settings: ModelSettings
     shard_size: int = 256
     kronecker: bool = False  # also keep the training split's token-level Kronecker factors (K-FAC, EK-FAC)
+    # every saved epoch's features up to the run's, stacked (TracIn); each epoch's stored under its own key
+    checkpoints: bool = False
+    # the methods that need AdamW's moments at the checkpoint(s) (LESS, TrackStar); empty: none does
+    moments: tuple[str, ...] = ()
 
     @functools.cached_property
     def identity(self) -> dict[str, Any]:
@@ -75,30 +85,81 @@ class RunFeatures:
         return FeatureStore(features_dir(self.loaded_run.run), split, fingerprint, shard_size=self.shard_size)
 
     def keys(self) -> dict[str, str]:
-        """Per split, the key (folder name) its features are stored under."""
+        """Per split, the key (folder name) its features are stored under (stacked checkpoints: each
+        epoch's, joined by ``+``)."""
+        if self.checkpoints:
+            epochs = [self._at(epoch).keys() for epoch in self.checkpoint_epochs()]
+            return {split: "+".join(keys[split] for keys in epochs) for split in ("train", "test")}
         return {split: self.store(split).folder.name for split in ("train", "test")}
+
+    def with_checkpoints(self) -> RunFeatures:
+        """The same features for methods that sum over the training trajectory: every saved epoch's."""
+        return dataclasses.replace(self, checkpoints=True, kronecker=False)
+
+    def checkpoint_epochs(self) -> list[int]:
+        """The saved epochs up to the run's (stacked when :attr:`checkpoints`)."""
+        epoch = self.loaded_run.epoch
+        if epoch is None:
+            raise ConfigError(
+                "tracin needs the adapter saved after every epoch; a run of a given --adapter has only one"
+            )
+        return [e for e in saved_epochs(self.loaded_run.run) if e <= epoch]
+
+    def learning_rates(self) -> dict[int, float]:
+        """Each stacked epoch's mean learning rate, from the run's schedule."""
+        rates = epoch_learning_rates(self.loaded_run.config.train, len(self.examples("train")))
+        return {epoch: rates[epoch] for epoch in self.checkpoint_epochs()}
+
+    def _at(self, epoch: int) -> RunFeatures:
+        """The features of one saved epoch (the model's weights untouched: for keys and stored features)."""
+        run = dataclasses.replace(
+            self.loaded_run, adapter=adapter_dir(self.loaded_run.run, epoch), epoch=epoch
+        )
+        return dataclasses.replace(self, loaded_run=run, checkpoints=False, kronecker=False)
+
+    def _per_checkpoint(self, work: Callable[[RunFeatures], Any]) -> dict[int, Any]:
+        """``work`` on each saved epoch's features, that epoch's weights loaded into the model for it; the
+        run's own weights are loaded back after."""
+        current, done = self.loaded_run, {}
+        try:
+            for epoch in self.checkpoint_epochs():
+                current = select_epoch(current, epoch)
+                done[epoch] = work(
+                    dataclasses.replace(self, loaded_run=current, checkpoints=False, kronecker=False)
+                )
+        finally:
+            select_epoch(current, self.loaded_run.epoch)
+        return done
 
     def load(self, split: str) -> Features:
         """One split's features in memory, from the store when they were computed with these settings
         (with the training split's Kronecker factors when :attr:`kronecker` asks for them)."""
+        if self.checkpoints:
+            return stack_checkpoints(self._per_checkpoint(lambda f: f.load(split)), self.learning_rates())
         if not self._wants_kronecker(split):
-            return self.store(split).compute(self.examples(split), self._collector(split))
+            return self._with_moments(self.store(split).compute(self.examples(split), self._collector(split)))
         factors = KroneckerFactors()
         features = self.store(split).compute(self.examples(split), self._collector(split, factors))
         features.kronecker = self._kronecker_after(factors)
-        return features
+        return self._with_moments(features)
 
     def stream(self, split: str) -> TrainFeatures:
         """One split's features stored (the missing shards computed, one at a time) and read back as
         passes over the store's shards: never all in memory."""
+        if self.checkpoints:
+            return TrainFeatures.stacked(
+                self._per_checkpoint(lambda f: f.stream(split)), self.learning_rates()
+            )
         examples = self.examples(split)
         store = self.store(split)
         if not self._wants_kronecker(split):
             store.ensure(examples, self._collector(split))
-            return TrainFeatures.from_store(store, examples)
-        factors = KroneckerFactors()
-        store.ensure(examples, self._collector(split, factors))
-        return TrainFeatures.from_store(store, examples, self._kronecker_after(factors))
+            streamed = TrainFeatures.from_store(store, examples)
+        else:
+            factors = KroneckerFactors()
+            store.ensure(examples, self._collector(split, factors))
+            streamed = TrainFeatures.from_store(store, examples, self._kronecker_after(factors))
+        return dataclasses.replace(streamed, moments=self.optimizer_moments()) if self.moments else streamed
 
     def kronecker_factors(self) -> KroneckerFactors:
         """The training split's token-level Kronecker factors: stored, or from one more pass over it (the
@@ -109,6 +170,22 @@ class RunFeatures:
             found = factors_on_ranks(self.examples("train"), self._accumulate_factors)
             store.put_kronecker(found)
         return found
+
+    def optimizer_moments(self) -> OptimizerMoments:
+        """AdamW's moments saved with the run's epoch checkpoint (ConfigError when it has none)."""
+        found = load_moments(self.loaded_run.adapter)
+        if found is None:
+            raise ConfigError(
+                f"{', '.join(self.moments)} needs the optimizer's moments saved with each epoch, and "
+                f"{self.loaded_run.adapter} has none (fine-tuned by an older version or outside this tool): "
+                "fine-tune the run again into a new --out"
+            )
+        return found
+
+    def _with_moments(self, features: Features) -> Features:
+        if self.moments:
+            features.moments = self.optimizer_moments()
+        return features
 
     def _wants_kronecker(self, split: str) -> bool:
         return self.kronecker and split == "train"
@@ -142,10 +219,16 @@ class RunFeatures:
 
     def collect(self, examples: Sequence[Example], desc: str) -> Features:
         """Features of other examples (a query), with the run's model and settings; not stored."""
+        if self.checkpoints:
+            return stack_checkpoints(
+                self._per_checkpoint(lambda f: f.collect(examples, desc)), self.learning_rates()
+            )
         model, tokenizer = self.loaded_run.model, self.loaded_run.tokenizer
         weights = self.loaded_run.weights
-        return collect_features(
-            model, tokenizer, examples, self.prompt, self.gradients, desc=desc, weights=weights
+        return self._with_moments(
+            collect_features(
+                model, tokenizer, examples, self.prompt, self.gradients, desc=desc, weights=weights
+            )
         )
 
     def in_memory(self) -> tuple[Features, Features, Timings]:
@@ -176,6 +259,24 @@ class RunFeatures:
         )
         # under torchrun each rank computes a slice of every shard (collect_on_ranks); rank 0 stores it
         return functools.partial(collect_on_ranks, collect=collect)
+
+
+def by_trajectory(methods: Mapping[str, Method]) -> list[dict[str, Method]]:
+    """The methods in groups scored on the same features: those of the run's adapter, then those that
+    sum over every checkpoint (``needs_checkpoints``); empty groups left out."""
+    groups = [
+        {name: m for name, m in methods.items() if not m.needs_checkpoints},
+        {name: m for name, m in methods.items() if m.needs_checkpoints},
+    ]
+    return [group for group in groups if group]
+
+
+def features_for(features: RunFeatures, group: Mapping[str, Method]) -> RunFeatures:
+    """The features a group of :func:`by_trajectory` is scored on: with every checkpoint stacked, and
+    with the optimizer's moments, when a method of the group needs them."""
+    used = features.with_checkpoints() if any(m.needs_checkpoints for m in group.values()) else features
+    moments = tuple(name for name, m in group.items() if m.needs_moments)
+    return dataclasses.replace(used, moments=moments) if moments != used.moments else used
 
 
 def _timed(work: Callable[[], Any]) -> tuple[Any, float]:

@@ -7,7 +7,8 @@ RUN/
   finetune.json        loss curve (per step and per epoch), timings, versions
   train_state.pt       optimizer, schedule and random states after the last saved step (for resuming)
   adapters/epoch-1/    peft adapter (adapter_model.safetensors + adapter_config.json) after epoch 1, or
-                       with --tuning full the trained weights (full_weights.safetensors + full_config.json)
+                       with --tuning full the trained weights (full_weights.safetensors + full_config.json),
+                       and AdamW's moments at that point (optimizer_moments.safetensors; LESS, TrackStar)
   adapters/epoch-2/    ...
   features/            the feature store (llm_attribution.features.store): one folder per split and key
   scores/              the score store (llm_attribution.scoring.store): one matrix per method

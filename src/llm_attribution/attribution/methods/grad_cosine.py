@@ -23,6 +23,7 @@ class GradCosine(InnerProductMethod):
     name = "grad-cosine"
     summary = "cosine of the test and training gradients over all LoRA matrices (no curvature)"
     cosine = True
+    inverse_fisher = False
 
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """The test gradients themselves; the base class divides the summed products by the norms."""
