@@ -33,6 +33,7 @@ METHODS = (
     "eshampoo",
     "kfac",
     "ekfac",
+    "astra",
     "tracin",
     "less",
     "trackstar",

@@ -164,6 +164,13 @@ def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
 def noted_name(name: str, notes: Mapping[str, Any] | None) -> str:
     """A method's name as tables show it: with what its notes say it is (``lissa (depth 100, not
     converged on 120 of 120 blocks)``), so that a row never claims more than was computed."""
+    if notes and "iterations" in notes:  # an iterative solver (astra): its iteration cap and convergence
+        if notes.get("converged", True):
+            return f"{name} ({notes['iterations']} iterations, converged)"
+        return (
+            f"{name} ({notes['iterations']} iterations, not converged on {notes['blocks_not_converged']} of "
+            f"{notes['blocks']} blocks)"
+        )
     if not notes or "depth" not in notes:
         return name
     if notes.get("converged", True):

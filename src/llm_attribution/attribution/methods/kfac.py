@@ -76,11 +76,13 @@ class TokenKronecker(InnerProductMethod):
     ) -> dict[str, KroneckerEigen]:
         """Each block's eigenbasis with the eigenvalues this method gives it."""
 
-    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
-        """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row, in the token-level basis."""
+    def preconditioners(
+        self, train: TrainPasses, test: GradientBlocks
+    ) -> tuple[dict[str, KroneckerEigen], dict[str, float], torch.dtype]:
+        """Each live block's eigenbasis with this method's eigenvalues, its damping, and the compute dtype."""
         names, dtype = live_blocks(train, test)
         if not names:
-            return {}
+            return {}, {}, dtype
         statistics = train.statistics()
         shapes = {
             name: matrix_shape(self.block_shapes, self.name, name, statistics[name].width) for name in names
@@ -91,12 +93,14 @@ class TokenKronecker(InnerProductMethod):
             for name, parts in self.spectra(names, shapes, dtype).items()
         }
         eigens = self.eigens(train, spectra, shapes, device)  # type: ignore[arg-type]
+        damping = {name: statistics[name].damping(self.settings.damping_scale) for name in names}
+        return eigens, damping, dtype
+
+    def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
+        """``U [(U^T V W) / (Lambda + lambda)] W^T`` for every test row, in the token-level basis."""
+        eigens, damping, dtype = self.preconditioners(train, test)
         return {
-            name: eigen.apply(
-                test[name].to(device=device, dtype=dtype),
-                statistics[name].damping(self.settings.damping_scale),
-                self.settings.chunk_size,
-            )
+            name: eigen.apply(test[name].to(dtype=dtype), damping[name], self.settings.chunk_size)
             for name, eigen in eigens.items()
         }
 
