@@ -36,3 +36,28 @@ def test_rept_without_representation_gradients_is_refused() -> None:
     train, test = _features(4, 0, with_gradients=False), _features(2, 1, with_gradients=False)
     with pytest.raises(ConfigError, match="rept needs representation gradients"):
         score_features(get_method("rept"), train, test)
+
+
+def test_unit_halves_weigh_the_gradient_like_the_hidden_state() -> None:
+    """``halves=unit``: the cosine of [h/|h|, g/|g|], so a gradient 1e-4 the size of the hidden state still
+    moves the scores (with ``raw`` it does not)."""
+    train, test = _features(7, 0), _features(3, 1)
+    for f in (train, test):
+        f.representation_gradients = 1e-4 * f.representation_gradients
+    raw = score_features(get_method("rept"), train, test).double()
+    unit = score_features(get_method("rept", halves="unit"), train, test).double()
+    repsim = score_features(get_method("repsim"), train, test).double()
+    assert float((raw - repsim).abs().max()) < 1e-6
+    halves = [
+        torch.cat(
+            [
+                torch.nn.functional.normalize(p, dim=1)
+                for p in (f.representations, f.representation_gradients)
+            ],
+            dim=1,
+        )
+        for f in (train, test)
+    ]
+    want = (halves[1] @ halves[0].T / 2).double()
+    assert torch.allclose(unit, want, atol=1e-6)
+    assert float((unit - repsim).abs().max()) > 0.05

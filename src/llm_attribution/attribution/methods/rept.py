@@ -4,17 +4,40 @@ example's own loss with respect to that hidden state.
 
 The hidden state says what the prompt looks like to the model (RepSim's half); its gradient says how the
 model's answer would change it, the part of a parameter gradient that the model's own activations carry.
-The two are joined unscaled, as the authors' code does, so where the gradient is small beside the hidden
-state the score is close to RepSim's. The gradient comes from the backward pass that collects the weight
-gradients, at no extra cost. Sample-level only (the authors' token-level view is not here).
+By default the two are joined unscaled, as the authors' code does; where the gradient is small beside the
+hidden state the score is then RepSim's (on the tiny model the gradient's norm is about 1e-4 of the
+hidden state's). ``rept.halves=unit`` scales each half to unit norm first, so both count alike. The
+gradient comes from the backward pass that collects the weight gradients, at no extra cost.
+Sample-level only (the authors' token-level view is not here).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
+
+from ...core.settings import option, require_choice
+from ..base import MethodSettings
 from ..registry import register
 from .repsim import RepSim
+
+HALVES = ("raw", "unit")
+
+
+@dataclass(frozen=True)
+class ReptSettings(MethodSettings):
+    """How the hidden state and its gradient are joined."""
+
+    halves: str = option(
+        "raw", "raw: joined as they are (the authors' code); unit: each half at unit norm", choices=HALVES
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("halves", self.halves, HALVES)
 
 
 @register
@@ -25,3 +48,16 @@ class RepT(RepSim):
     name = "rept"
     summary = "RepT: cosine of [hidden state, its loss gradient] at the prompt's last token"
     with_gradients: ClassVar[bool] = True
+    Settings = ReptSettings
+    settings: ReptSettings
+
+    def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+        """The cosine of the signatures ``[h, dL/dh]`` (each half at unit norm with ``halves=unit``)."""
+        if self.settings.halves == "unit":
+            train, test = _unit_halves(train), _unit_halves(test)
+        return super().score_representations(train, test)
+
+
+def _unit_halves(signatures: torch.Tensor) -> torch.Tensor:
+    hidden, gradient = signatures.chunk(2, dim=1)
+    return torch.cat([F.normalize(hidden, dim=1), F.normalize(gradient, dim=1)], dim=1)
