@@ -86,10 +86,14 @@ def explain(
     methods: Sequence[str] = STUDY_METHODS,
     top: int = 10,
     epoch: int | None = None,
+    tokens: bool = False,
 ) -> Explanation:
     """Each method's ``top`` training examples that most support ``response`` to ``prompt`` (the model's
-    own greedy answer when ``response`` is None); HIGHER score = supports it more."""
-    settings = ExplainSettings(prompt=prompt, response=response, methods=tuple(methods), top=top, epoch=epoch)
+    own greedy answer when ``response`` is None); HIGHER score = supports it more. ``tokens``: also each
+    answer token's share of the top examples' scores (``Explanation.tokens``)."""
+    settings = ExplainSettings(
+        prompt=prompt, response=response, methods=tuple(methods), top=top, epoch=epoch, tokens=tokens
+    )
     return explain_run(Path(run), settings)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from llm_attribution.data.templates import PromptSettings, collate, encode_examples
 from llm_attribution.features.gradients import GradientSettings, collect_features, per_example_losses
+from llm_attribution.features.tokens import token_features
 from llm_attribution.models.lora import attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.settings import LoraSettings, ModelSettings
@@ -160,3 +161,34 @@ def test_representation_gradients_equal_one_backward_per_example(lora_model) -> 
         assert _rel_err(got.representation_gradients[row], want) < REL_TOL
         assert _rel_err(got.representations[row], hidden[0, enc.last_prompt_index].detach()) < REL_TOL
     assert float(got.representation_gradients.norm()) > 0
+
+
+def test_per_token_rows_are_each_tokens_share_of_the_gradient(lora_model) -> None:
+    """Row t = grad(loss of token t) / T, by one backward per token; the rows sum to the example's
+    gradient."""
+    model, tokenizer = lora_model
+    [example] = toy_task(n_train=1).train
+    settings = GradientSettings(gradient_batch_size=4)
+
+    def collect(examples, encoded):  # type: ignore[no-untyped-def]
+        return collect_features(
+            model, tokenizer, examples, PROMPT, settings, representations=False, encoded=encoded
+        )
+
+    features, rows = token_features(example, tokenizer, PROMPT, collect)
+    [enc] = encode_examples([example], tokenizer, PROMPT)
+    params = {block_name(n.removesuffix(".weight")): p for n, p in model.named_parameters() if "lora_" in n}
+    batch = collate([enc], tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    count = len(rows.positions)
+    for row, position in enumerate(rows.positions[:3]):
+        target = labels[0, position]
+        loss = torch.nn.functional.cross_entropy(logits[0, position - 1][None].float(), target[None])
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
+        for name, g in zip(params, grads, strict=True):
+            assert _rel_err(features.blocks[name][row], g.reshape(-1) / count) < REL_TOL
+    whole = collect_features(model, tokenizer, [example], PROMPT, settings).blocks
+    for name, block in features.blocks.items():
+        assert _rel_err(block.sum(dim=0), whole[name][0]) < REL_TOL
+    assert any(rows.in_response) and rows.tokens[0] == tokenizer.decode([enc.input_ids[rows.positions[0]]])

@@ -139,6 +139,12 @@ class Method(ABC):
         return self
 
     @property
+    def token_additive(self) -> bool:
+        """Whether the scores are linear in the test gradient, so that the scores of a test example's
+        per-token gradients sum to its own (per-token attribution); False unless a method says so."""
+        return False
+
+    @property
     def low_precision(self) -> torch.dtype | None:
         """The dtype products run in when it is below the inputs' (bf16), else None (the inputs' own)."""
         return PRODUCT_DTYPES[self.settings.product_dtype]
@@ -209,6 +215,11 @@ class InnerProductMethod(Method):
         rows). It must treat each row on its own, so that chunking does not change it. Default: none
         (LESS and TrackStar precondition with the optimizer's moments and normalise here)."""
         return rows
+
+    @property
+    def token_additive(self) -> bool:
+        """Linear in the test gradient unless the scores are cosines or the rows are mapped first."""
+        return not self.cosine and not self.prepares
 
     @property
     def prepares(self) -> bool:

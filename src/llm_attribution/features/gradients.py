@@ -163,10 +163,13 @@ def collect_features(
     desc: str = "gradients",
     weights: TunedWeights | None = None,
     kronecker: KroneckerFactors | None = None,
+    encoded: Sequence[Encoded] | None = None,
 ) -> Features:
     """Per-example gradients of the trained weights (default: the LoRA matrices of a peft model), and
     RepSim representations, of ``examples``, in their order. With ``kronecker`` given, every block's
-    token-level Kronecker factors (:mod:`.kronecker`) are added into it from the same pass.
+    token-level Kronecker factors (:mod:`.kronecker`) are added into it from the same pass. ``encoded``:
+    the examples' tokens and labels when they are not the template's (per-token attribution labels one
+    token of each copy).
 
     The model is put in eval mode (no dropout): attribution explains the trained, deterministic model.
     Examples are batched by length to limit padding, which does not change any result.
@@ -177,7 +180,7 @@ def collect_features(
     if weights.projection_required:
         _check_projected(modules, projector)
     model.eval()
-    encoded = encode_examples(examples, tokenizer, prompt)
+    encoded = encode_examples(examples, tokenizer, prompt) if encoded is None else encoded
     for module in modules.values():
         module.weight.requires_grad_(True)  # an adapter loaded for inference has them frozen
     device = next(model.parameters()).device

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.settings import REQUIRED, option, require_positive
+from ..core.settings import REQUIRED, option, require, require_positive
 from ..data.schema import Example
 from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
 from ..features.gradients import GradientSettings
@@ -53,6 +53,16 @@ class Trust:
     calibrated: bool = True  # whether the calibration was fitted with this method among its methods
 
 
+@dataclass(frozen=True)
+class TokenShares:
+    """Per-token attribution of one method: each labelled token of the query, and for each of its top
+    training examples the token's share of that example's score (the shares sum to the score)."""
+
+    tokens: list[str]
+    in_response: list[bool]
+    shares: dict[str, list[float]]  # training example id -> one share per token
+
+
 @dataclass
 class Explanation:
     """The query, the answer explained, each method's top training examples (best first) and its trust."""
@@ -62,6 +72,7 @@ class Explanation:
     generated: bool
     top: dict[str, list[Ranked]]
     trust: dict[str, Trust] = dataclasses.field(default_factory=dict)
+    tokens: dict[str, TokenShares] = dataclasses.field(default_factory=dict)  # with --tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +82,7 @@ class Explanation:
             "generated": self.generated,
             "methods": {name: [r.__dict__ for r in rows] for name, rows in self.top.items()},
             "trust": {name: dataclasses.asdict(trust) for name, trust in self.trust.items()},
+            "tokens": {name: dataclasses.asdict(shares) for name, shares in self.tokens.items()},
         }
 
 
@@ -84,11 +96,23 @@ class ExplainSettings:
     top: int = option(10, "training examples shown per method")
     epoch: int | None = option(None, "the adapter of this epoch (default: the last)")
     max_new_tokens: int = option(48, "tokens generated for the model's own answer")
+    tokens: bool = option(
+        False,
+        "also show which tokens of the answer carry each method's top training examples' scores (methods "
+        "whose scores are linear in the test gradient)",
+    )
 
     def __post_init__(self) -> None:
-        AttributeSettings(methods=self.methods, epoch=self.epoch)  # the same checks as attribution's
+        attribute = AttributeSettings(methods=self.methods, epoch=self.epoch)  # attribution's own checks
         require_positive("top", self.top)
         require_positive("max_new_tokens", self.max_new_tokens)
+        if self.tokens:
+            other = [name for name, m in attribute.build_methods().items() if not m.token_additive]
+            require(
+                not other,
+                "--tokens needs methods whose scores are linear in the test gradient, and "
+                f"{', '.join(other)} are not (cosines, preconditioned rows, representations, text)",
+            )
 
 
 def explain(run: Path, settings: ExplainSettings) -> Explanation:
@@ -118,6 +142,7 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     train_examples = loaded_run.task.train
     ranked: dict[str, list[Ranked]] = {}
     rows: dict[str, torch.Tensor] = {}
+    tokens: dict[str, TokenShares] = {}
     for group in by_trajectory(attribute.build_methods()):
         used = features_for(features, group)
         train = used.stream("train")  # read back shard by shard: memory does not grow with the training set
@@ -125,8 +150,19 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
         for name, method in group.items():
             rows[name] = stream_scores(method, train, test)
             ranked[name] = _top(rows[name][0], train_examples, settings.top)
+        if settings.tokens:
+            per_token, token_rows = used.collect_tokens(query)
+            for name, method in group.items():
+                shares = stream_scores(method, train, per_token)  # [tokens, n_train]
+                index = {e.id: i for i, e in enumerate(train_examples)}
+                tokens[name] = TokenShares(
+                    token_rows.tokens,
+                    token_rows.in_response,
+                    {r.id: shares[:, index[r.id]].tolist() for r in ranked[name]},
+                )
     ranked = {name: ranked[name] for name in attribute.methods}  # in the order asked for
-    return Explanation(prompt, response, generated, ranked, judge_trust(rows))
+    tokens = {name: tokens[name] for name in attribute.methods if name in tokens}
+    return Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens)
 
 
 def judge_trust(scores: dict[str, torch.Tensor]) -> dict[str, Trust]:
@@ -188,7 +224,27 @@ def format_explanation(explanation: Explanation, width: int = 90) -> str:
         for r in rows:
             text = _cut(f"{r.prompt} => {r.response}", width)
             lines.append(f"{r.rank:>4}  {r.score:>10.4g}  {_cut(r.label, 14):<14}  {text}")
+        if name in explanation.tokens and rows:
+            lines += _token_lines(explanation.tokens[name], rows[0], width)
     return "\n".join(lines)
+
+
+def _token_lines(shares: TokenShares, best: Ranked, width: int, count: int = 8) -> list[str]:
+    """The answer tokens that carry most of the top example's score, largest share first."""
+    values = shares.shares[best.id]
+    response = [i for i, inside in enumerate(shares.in_response) if inside]
+    if not response:
+        return ["no token of the response is scored (it was cut by --max-length, or the loss skips it)"]
+    on_response = sum(values[i] for i in response)
+    order = sorted(response, key=lambda i: -abs(values[i]))[:count]
+    listed = ", ".join(
+        f"{shares.tokens[i].strip() or repr(shares.tokens[i])} {values[i]:+.3g}" for i in order
+    )
+    return [
+        f"tokens of the response carrying #1's score {best.score:.4g} (the response's tokens "
+        f"{on_response:+.4g}, the prompt's {best.score - on_response:+.4g}):",
+        f"      {_cut(listed, width)}",
+    ]
 
 
 def _cut(text: str, width: int) -> str:

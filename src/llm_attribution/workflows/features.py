@@ -16,12 +16,13 @@ from ..core import distributed
 from ..core.errors import ConfigError
 from ..core.settings import to_dict
 from ..data.schema import Example, data_fingerprint
-from ..data.templates import PromptSettings
+from ..data.templates import Encoded, PromptSettings
 from ..features.checkpoints import stack_checkpoints
 from ..features.gradients import Features, GradientSettings, collect_features
 from ..features.kronecker import KroneckerFactors
 from ..features.ranks import collect_on_ranks, factors_on_ranks
 from ..features.store import FeatureStore
+from ..features.tokens import TokenRows, token_features
 from ..models.finetune import epoch_learning_rates
 from ..models.moments import OptimizerMoments, load_moments
 from ..models.settings import ModelSettings
@@ -230,6 +231,32 @@ class RunFeatures:
                 model, tokenizer, examples, self.prompt, self.gradients, desc=desc, weights=weights
             )
         )
+
+    def collect_tokens(self, example: Example) -> tuple[Features, TokenRows]:
+        """Per-token features of one example (:mod:`~..features.tokens`): each labelled token's share of
+        its gradient, with the run's model and settings (every checkpoint's, stacked, when
+        :attr:`checkpoints`); not stored."""
+        if self.checkpoints:
+            parts = self._per_checkpoint(lambda f: f.collect_tokens(example))
+            rows = next(iter(parts.values()))[1]
+            return stack_checkpoints({e: p[0] for e, p in parts.items()}, self.learning_rates()), rows
+        run = self.loaded_run
+
+        def collect(examples: list[Example], encoded: list[Encoded]) -> Features:
+            return collect_features(
+                run.model,
+                run.tokenizer,
+                examples,
+                self.prompt,
+                self.gradients,
+                representations=False,
+                desc="answer tokens",
+                weights=run.weights,
+                encoded=encoded,
+            )
+
+        features, rows = token_features(example, run.tokenizer, self.prompt, collect)
+        return self._with_moments(features), rows
 
     def in_memory(self) -> tuple[Features, Features, Timings]:
         """Train and test features in memory, with the seconds each took."""
