@@ -39,6 +39,7 @@ METHODS = (
     "trackstar",
     "repsim",
     "rept",
+    "knn-shapley",
     "bm25",
 )
 # 25 examples in batches of 8: the last batch of each epoch has 1 row, so rank 1 has an empty share

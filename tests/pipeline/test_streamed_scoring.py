@@ -302,7 +302,7 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, capsys) -> None:
     methods = ",".join(
         (
             "hessian-free,grad-cosine,datainf,lissa,exact,ekfac-example,kfac,ekfac",
-            "astra,tracin,less,trackstar,repsim,rept,bm25",
+            "astra,tracin,less,trackstar,repsim,rept,knn-shapley,bm25",
         )
     )
     run = tmp_path / "run"

@@ -90,3 +90,16 @@ def test_methods_not_linear_in_the_test_gradient_are_refused(tmp_path, capsys) -
         code == 2 and "--tokens needs methods whose scores are linear" in err and "grad-cosine, repsim" in err
     )
     assert len(err.strip().splitlines()) == 1
+
+
+def test_explain_refuses_a_method_that_reads_the_answers_label(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        ["run", *tiny_run_args(train=12, test=2, epochs=1), "--methods", "knn-shapley", "--out", str(run)],
+        capsys,
+    )
+    assert code == 0, err  # through run it scores: the test examples have labels
+    code, _, err = run_cli(
+        ["explain", "--run", str(run), "--prompt", "p", "--methods", "knn-shapley"], capsys
+    )
+    assert code == 2 and "knn-shapley values training examples by the test example's class label" in err

@@ -102,6 +102,9 @@ class Method(ABC):
     needs_checkpoints: ClassVar[bool] = False
     # whether scoring needs AdamW's moment estimates at the checkpoint(s) (models/moments.py)
     needs_moments: ClassVar[bool] = False
+    # whether scoring reads the examples' class labels (KNN-Shapley); its proxy metrics then are not
+    # comparable with label-blind methods'
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None) -> None:
         if settings is None:
@@ -113,6 +116,8 @@ class Method(ABC):
         self.kronecker: KroneckerFactors | None = None
         self.learning_rates: dict[int, float] = {}
         self.moments: OptimizerMoments | None = None
+        self.train_labels: list[str] = []
+        self.test_labels: list[str] = []
 
     def bind_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> Method:
         """Tell the method each gradient block's matrix shape ``(o, i)`` (rows are ``o x i`` matrices
@@ -130,6 +135,13 @@ class Method(ABC):
         """Give a method with ``needs_checkpoints`` each stacked epoch's mean learning rate (the pipeline
         binds those its features hold); returns the method itself."""
         self.learning_rates = {int(e): float(r) for e, r in (rates or {}).items()}
+        return self
+
+    def bind_labels(self, train: Sequence[str] | None, test: Sequence[str] | None) -> Method:
+        """Give a method with ``needs_labels`` the class labels of the training and test rows."""
+        if train is None or test is None:
+            raise ConfigError(f"{self.name} needs the class labels of the training and test examples")
+        self.train_labels, self.test_labels = list(train), list(test)
         return self
 
     def bind_moments(self, moments: OptimizerMoments | None) -> Method:

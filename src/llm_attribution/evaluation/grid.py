@@ -164,6 +164,8 @@ def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
 def noted_name(name: str, notes: Mapping[str, Any] | None) -> str:
     """A method's name as tables show it: with what its notes say it is (``lissa (depth 100, not
     converged on 120 of 120 blocks)``), so that a row never claims more than was computed."""
+    if notes and notes.get("uses_labels"):  # knn-shapley: its proxy metrics count what it reads
+        return f"{name} (uses class labels)"
     if notes and "iterations" in notes:  # an iterative solver (astra): its iteration cap and convergence
         if notes.get("converged", True):
             return f"{name} ({notes['iterations']} iterations, converged)"

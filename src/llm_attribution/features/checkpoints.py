@@ -53,6 +53,7 @@ def stack_checkpoints(per_epoch: Mapping[int, Features], learning_rates: Mapping
         learning_rates={e: float(learning_rates[e]) for e in epochs},
         moments=stack_moments({e: per_epoch[e].moments for e in epochs}),
         representation_gradients=last.representation_gradients,
+        labels=last.labels,
     )
 
 

@@ -120,6 +120,7 @@ class Features:
     learning_rates: dict[int, float] | None = None
     moments: OptimizerMoments | None = None
     representation_gradients: torch.Tensor | None = None
+    labels: list[str] | None = None  # each example's class label, for methods that value data by it
 
 
 class _Capture:
@@ -259,6 +260,7 @@ def collect_features(
         shapes,
         texts=texts,
         representation_gradients=rep_grads,
+        labels=[e.label for e in examples],
     )
 
 

@@ -44,6 +44,7 @@ def collect_on_ranks(
     flat = distributed.all_gather_rows(None if local is None else _flatten(local, layout))
     gathered = _unflatten(flat, layout, [e.id for e in examples], shapes)
     gathered.texts = [e.text for e in examples]
+    gathered.labels = [e.label for e in examples]
     return gathered
 
 
@@ -87,6 +88,7 @@ def slice_features(features: Features, rows: slice) -> Features:
         representations=None if reps is None else reps[rows],
         losses=features.losses[rows],
         texts=None if features.texts is None else features.texts[rows],
+        labels=None if features.labels is None else features.labels[rows],
         representation_gradients=None if rep_grads is None else rep_grads[rows],
     )
 

@@ -185,7 +185,8 @@ class FeatureStore:
             )
         shapes = {name: (o, i) for name, (o, i) in json.loads(metadata.get("shapes", "{}")).items()}
         features = _from_tensors(load(data), ids, json.loads(metadata["blocks"]), shapes)
-        features.texts = [e.text for e in chunk]  # the examples' own text: never stored twice
+        features.texts = [e.text for e in chunk]  # the examples' own text and labels: never stored twice
+        features.labels = [e.label for e in chunk]
         return features
 
 
@@ -226,6 +227,7 @@ def _concat(parts: list[Features]) -> Features:
         losses=torch.cat([p.losses for p in parts]),
         shapes=parts[0].shapes,
         texts=[t for p in parts for t in p.texts] if all(p.texts is not None for p in parts) else None,  # type: ignore[union-attr]
+        labels=[y for p in parts for y in p.labels] if all(p.labels is not None for p in parts) else None,  # type: ignore[union-attr]
         representation_gradients=(
             torch.cat(rep_grads) if all(g is not None for g in rep_grads) else None  # type: ignore[arg-type]
         ),

@@ -143,6 +143,8 @@ def score_features(method: Method, train: Features, test: Features) -> torch.Ten
         return method.score(train.blocks, test.blocks)
     if isinstance(method, TextMethod):
         return method.score_texts(_texts(method, train), _texts(method, test))
+    if method.needs_labels:
+        method.bind_labels(train.labels, test.labels)
     return _representation_method(method).score_representations(
         _representations(method, train), _representations(method, test)
     )
@@ -257,6 +259,17 @@ def _representation_chunks(
     method: RepresentationMethod, train: TrainFeatures, test: Features
 ) -> Iterator[torch.Tensor]:
     test_representations = _representations(method, test)
+    if method.needs_labels:  # its values couple the training examples: all representations at once
+        chunks = list(progress(train.passes(), desc=method.name, total=train.chunks))
+        method.bind_labels(train.labels, test.labels)
+        whole = method.score_representations(
+            torch.cat([_representations(method, f) for f in chunks]), test_representations
+        )
+        start = 0
+        for features in chunks:
+            yield whole[:, start : start + len(features.ids)]
+            start += len(features.ids)
+        return
     for features in progress(train.passes(), desc=method.name, total=train.chunks):
         yield method.score_chunk(_representations(method, features), test_representations)
 

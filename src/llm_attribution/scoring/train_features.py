@@ -26,6 +26,7 @@ class TrainFeatures:
     texts: Sequence[str] | None = None  # each example's prompt and response, for text methods
     learning_rates: dict[int, float] | None = None  # stacked checkpoints' mean learning rates (TracIn)
     moments: OptimizerMoments | None = None  # AdamW's moments at the checkpoint(s) (LESS, TrackStar)
+    labels: Sequence[str] | None = None  # each example's class label (KNN-Shapley)
 
     @classmethod
     def from_store(
@@ -33,8 +34,8 @@ class TrainFeatures:
     ) -> TrainFeatures:
         """The stored shards of a complete split, each read (and checked) when its turn comes."""
         chunks = -(-len(examples) // store.shard_size)
-        texts = [e.text for e in examples]
-        return cls(lambda: store.shards(examples), chunks, len(examples), kronecker, texts)
+        texts, labels = [e.text for e in examples], [e.label for e in examples]
+        return cls(lambda: store.shards(examples), chunks, len(examples), kronecker, texts, labels=labels)
 
     @classmethod
     def stacked(
@@ -53,7 +54,7 @@ class TrainFeatures:
 
         rates = {e: float(learning_rates[e]) for e in epochs}
         moments = stack_moments({e: per_epoch[e].moments for e in epochs})
-        return cls(passes, last.chunks, last.rows, None, last.texts, rates, moments)
+        return cls(passes, last.chunks, last.rows, None, last.texts, rates, moments, last.labels)
 
     def gradient_passes(self) -> TrainPasses:
         """The gradient blocks of these passes (statistics computed once, on first use)."""

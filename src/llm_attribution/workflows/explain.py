@@ -106,6 +106,12 @@ class ExplainSettings:
         attribute = AttributeSettings(methods=self.methods, epoch=self.epoch)  # attribution's own checks
         require_positive("top", self.top)
         require_positive("max_new_tokens", self.max_new_tokens)
+        labelled = [name for name, m in attribute.build_methods().items() if m.needs_labels]
+        require(
+            not labelled,
+            f"{', '.join(labelled)} values training examples by the test example's class label, and a new "
+            "answer has none: score it with llm-attr run or attribute",
+        )
         if self.tokens:
             other = [name for name, m in attribute.build_methods().items() if not m.token_additive]
             require(
