@@ -66,8 +66,10 @@ def _required(role: str, settings: DataSettings, columns: Sequence[str], source:
     if found is None:
         candidates = AUTO_NAMES[role] if setting == "auto" else (setting,)
         wanted = " or ".join(f"'{name}'" for name in candidates)
+        # names shown as Python would write them when they hold a line break or are blank: one line
+        shown = [name if name.isprintable() and name.strip() else repr(name) for name in columns]
         raise DataError(
-            f"{source}: no {role} field {wanted} (the data has: {', '.join(columns) or 'no fields'}); "
+            f"{source}: no {role} field {wanted} (the data has: {', '.join(shown) or 'no fields'}); "
             f"map it with --{role}-field"
         )
     return found
