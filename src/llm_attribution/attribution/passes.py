@@ -98,6 +98,7 @@ class TrainPasses:
         self._stacked: dict[tuple[Any, ...], list[tuple[slice, list[StackedChunk]]]] = {}
         self._dtype = torch.float32
         self.held = held  # the blocks themselves when they are in memory (a pass then costs no I/O)
+        self.held_chunk_size = 1  # the rows per chunk of held blocks (set by from_blocks)
         self.count = 0  # passes started, for cost accounting
 
     @classmethod
@@ -105,23 +106,21 @@ class TrainPasses:
         """Row slices of blocks held in memory: the in-memory path is this, with no progress bar."""
         rows = next(iter(blocks.values())).shape[0] if blocks else 0
         starts = range(0, rows, chunk_size)
-        return cls(
+        passes = cls(
             lambda: ({k: v[s : s + chunk_size] for k, v in blocks.items()} for s in starts),
             len(starts),
             desc,
             held=blocks,
         )
+        passes.held_chunk_size = chunk_size
+        return passes
 
     def mapped(self, rows: Callable[[Blocks], Blocks]) -> TrainPasses:
         """The same passes with every chunk read through ``rows`` (a map of each row on its own); blocks
         held in memory are mapped once."""
         if self.held is not None:
-            return TrainPasses.from_blocks(rows(self.held), self._held_chunk(), self._desc)
+            return TrainPasses.from_blocks(rows(self.held), self.held_chunk_size, self._desc)
         return TrainPasses(lambda: (rows(chunk) for chunk in self._passes()), self._chunks, self._desc)
-
-    def _held_chunk(self) -> int:
-        first = next(iter(self._passes()), None)
-        return max(next(iter(first.values())).shape[0], 1) if first else 1
 
     def __iter__(self) -> Iterator[Blocks]:
         self.count += 1
