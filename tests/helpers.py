@@ -46,3 +46,21 @@ def tiny_run_args(task: str = "grammars", train: int = 60, test: int = 10, epoch
         str(epochs),
         "--quiet",
     ]
+
+
+def several_token_case(seed: int, n: int = 25, t: int = 3, o: int = 3, i: int = 5):  # type: ignore[no-untyped-def]
+    """Examples of several tokens with their own inputs (the Fisher is not a Kronecker product): float64
+    training gradients ``[n, o*i]``, 4 test rows, and the token-level factors of block ``"b"``."""
+    import torch
+
+    from llm_attribution.features.kronecker import KroneckerFactors
+
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, t, i, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, t, o, generator=gen, dtype=torch.float64)
+    train = torch.einsum("nto,nti->noi", g, u).reshape(n, -1)
+    test = torch.randn(4, o * i, generator=gen, dtype=torch.float64)
+    factors = KroneckerFactors()
+    factors.add("b", u.reshape(-1, i), g.reshape(-1, o))
+    factors.count(n * t, n)
+    return train, test, factors

@@ -10,6 +10,7 @@ from llm_attribution.attribution.passes import TrainPasses
 from llm_attribution.attribution.registry import get_method
 from llm_attribution.evaluation.grid import noted_name
 from llm_attribution.features.kronecker import KroneckerFactors
+from tests.helpers import several_token_case
 
 
 def _method(
@@ -23,14 +24,7 @@ def _method(
 
 def _not_kronecker(seed: int, n: int = 25, t: int = 3, o: int = 3, i: int = 5):
     """Several tokens with their own inputs: the Fisher is not a Kronecker product."""
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(n, t, i, generator=gen, dtype=torch.float64)
-    g = torch.randn(n, t, o, generator=gen, dtype=torch.float64)
-    train = torch.einsum("nto,nti->noi", g, u).reshape(n, -1)
-    test = torch.randn(4, o * i, generator=gen, dtype=torch.float64)
-    factors = KroneckerFactors()
-    factors.add("b", u.reshape(-1, i), g.reshape(-1, o))
-    factors.count(n * t, n)
+    train, test, factors = several_token_case(seed, n=n, t=t, o=o, i=i)
     return train, test, factors, (o, i)
 
 

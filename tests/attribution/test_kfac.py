@@ -11,6 +11,7 @@ from llm_attribution.attribution.passes import TrainPasses
 from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.errors import ConfigError
 from llm_attribution.features.kronecker import KroneckerFactors
+from tests.helpers import several_token_case
 
 
 def _method(name: str, factors: KroneckerFactors, shapes: dict, **options: object) -> InnerProductMethod:
@@ -53,15 +54,8 @@ def _dense(train: torch.Tensor, test: torch.Tensor, fisher: torch.Tensor, scale:
 def test_kfac_and_ekfac_equal_dense_references_where_the_assumption_fails() -> None:
     """Several tokens with their own inputs: K-FAC is the damped inverse of S (x) A itself, EK-FAC of the
     Fisher's variances along the eigenbasis of S (x) A (both built here as D x D matrices)."""
-    gen = torch.Generator().manual_seed(2)
-    n, t, o, i = 25, 3, 3, 5
-    u = torch.randn(n, t, i, generator=gen, dtype=torch.float64)
-    g = torch.randn(n, t, o, generator=gen, dtype=torch.float64)
-    train = torch.einsum("nto,nti->noi", g, u).reshape(n, -1)
-    test = torch.randn(4, o * i, generator=gen, dtype=torch.float64)
-    factors = KroneckerFactors()
-    factors.add("b", u.reshape(-1, i), g.reshape(-1, o))
-    factors.count(n * t, n)
+    n, o, i = 25, 3, 5
+    train, test, factors = several_token_case(2, n=n, o=o, i=i)
     s, a = factors.covariances("b")
     kfac = _method("kfac", factors, {"b": (o, i)}).score({"b": train}, {"b": test})
     torch.testing.assert_close(

@@ -27,6 +27,7 @@ import torch
 from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
+from ..features.checkpoints import block_epoch
 from ..features.kronecker import KroneckerFactors
 from ..models.moments import OptimizerMoments
 from .grouping import width_groups
@@ -136,6 +137,20 @@ class Method(ABC):
         binds those its features hold); returns the method itself."""
         self.learning_rates = {int(e): float(r) for e, r in (rates or {}).items()}
         return self
+
+    def checkpoint_rate(self, block: str) -> float:
+        """The bound learning rate of a stacked block's epoch (``epoch-<e>/<block>``), for methods with
+        ``needs_checkpoints``; ConfigError for a block of one adapter or an epoch with no rate bound."""
+        try:
+            epoch = block_epoch(block)
+        except ValueError:
+            raise ConfigError(
+                f"{self.name} needs the gradients of every checkpoint stacked; block {block!r} is of one "
+                "adapter"
+            ) from None
+        if epoch not in self.learning_rates:
+            raise ConfigError(f"{self.name}: no learning rate bound for epoch {epoch} (block {block})")
+        return self.learning_rates[epoch]
 
     def bind_labels(self, train: Sequence[str] | None, test: Sequence[str] | None) -> Method:
         """Give a method with ``needs_labels`` the class labels of the training and test rows."""

@@ -46,4 +46,4 @@ class Less(InnerProductMethod):
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """Each checkpoint's unit test gradients times its epoch's learning rate."""
         names, dtype = live_blocks(train, test)
-        return {name: test[name].to(dtype=dtype) * self.learning_rates[block_epoch(name)] for name in names}
+        return {name: test[name].to(dtype=dtype) * self.checkpoint_rate(name) for name in names}

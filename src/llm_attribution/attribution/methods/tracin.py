@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ...core.errors import ConfigError
-from ...features.checkpoints import block_epoch
 from ..base import GradientBlocks, InnerProductMethod, live_blocks
 from ..passes import TrainPasses
 from ..registry import register
@@ -32,18 +30,4 @@ class TracIn(InnerProductMethod):
     def transform_test(self, train: TrainPasses, test: GradientBlocks) -> dict[str, torch.Tensor]:
         """Each checkpoint's test gradients times its epoch's learning rate."""
         names, dtype = live_blocks(train, test)
-        out = {}
-        for name in names:
-            epoch = self._epoch(name)
-            if epoch not in self.learning_rates:
-                raise ConfigError(f"tracin: no learning rate bound for epoch {epoch} (block {name})")
-            out[name] = test[name].to(dtype=dtype) * self.learning_rates[epoch]
-        return out
-
-    def _epoch(self, name: str) -> int:
-        try:
-            return block_epoch(name)
-        except ValueError:
-            raise ConfigError(
-                f"tracin needs the gradients of every checkpoint stacked; block {name!r} is of one adapter"
-            ) from None
+        return {name: test[name].to(dtype=dtype) * self.checkpoint_rate(name) for name in names}
