@@ -13,8 +13,9 @@ tasks=("${@:-grammars backdoor mixedS}")
 read -r -a tasks <<<"${tasks[*]}"
 data=${SHARED:-../shared}/data/paper-datasets
 bin=${BIN:-.venv/bin}
-methods=hessian-free,datainf,lissa,lissa-study,exact,ekfac-example,repsim
-options=lissa.depth=1000
+# METHODS / OPTIONS override the study's methods (e.g. every method the tool has, for issue 15's table).
+methods=${METHODS:-hessian-free,datainf,lissa,lissa-study,exact,ekfac-example,repsim}
+options=${OPTIONS:-lissa.depth=1000}
 for task in "${tasks[@]}"; do
     run=$out/$task
     "$bin/llm-attr" run --task "$data/$task" --model embedded --train-limit 100 --test-limit 20 \
