@@ -41,6 +41,7 @@ METHODS = (
     "rept",
     "knn-shapley",
     "bm25",
+    "magic",
 )
 # 25 examples in batches of 8: the last batch of each epoch has 1 row, so rank 1 has an empty share
 # (it must still draw the dropout masks); the gradient shards split 13 + 12, the 5 test rows 3 + 2.

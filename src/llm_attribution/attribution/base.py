@@ -27,8 +27,10 @@ import torch
 from ..core.errors import ConfigError, DataError
 from ..core.progress import progress
 from ..core.settings import option, require_positive
+from ..data.schema import Example
 from ..features.checkpoints import block_epoch
 from ..features.kronecker import KroneckerFactors
+from ..features.replay import TrainingReplay
 from ..models.moments import OptimizerMoments
 from .grouping import width_groups
 from .passes import BlockStatistics, TrainPasses, block_width, full_row_norms, require_same_blocks
@@ -42,6 +44,7 @@ TRAIN, TEST = "train", "test"  # the sides of InnerProductMethod.prepare
 GRADIENT = "gradient"
 REPRESENTATION = "representation"
 TEXT = "text"
+REPLAY = "replay"
 
 PRODUCT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -413,6 +416,19 @@ class TextMethod(Method):
     def score_texts(self, train: Sequence[str], test: Sequence[str]) -> torch.Tensor:
         """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test output more.
         Scores may depend on the whole training corpus (BM25's IDF), so there is no per-chunk form."""
+
+
+class ReplayMethod(Method):
+    """A method on the fine-tuning run itself rather than on features of its adapter: it replays the
+    recorded training trajectory (:class:`~llm_attribution.features.replay.TrainingReplay`), so the
+    workflows hand it the replay and the test examples."""
+
+    kind: ClassVar[str] = REPLAY
+
+    @abstractmethod
+    def score_replay(self, replay: TrainingReplay, test: Sequence[Example]) -> torch.Tensor:
+        """Float32 ``[n_test, n_train]`` scores; HIGHER = the training example supports the test output
+        more."""
 
 
 def check_blocks(train: GradientBlocks, test: GradientBlocks) -> tuple[list[str], int, int]:

@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 from ..core.errors import ConfigError
 from .base import (
     GRADIENT,
+    REPLAY,
     REPRESENTATION,
     TEXT,
     InnerProductMethod,
     Method,
+    ReplayMethod,
     RepresentationMethod,
     TextMethod,
 )
@@ -35,12 +37,13 @@ def register(cls: M) -> M:
         GRADIENT: InnerProductMethod,
         REPRESENTATION: RepresentationMethod,
         TEXT: TextMethod,
+        REPLAY: ReplayMethod,
     }
     expected = bases.get(str(getattr(cls, "kind", "")))
     if expected is None or not issubclass(cls, expected):
         raise TypeError(
             f"{cls.__name__} must derive from InnerProductMethod (kind {GRADIENT!r}), RepresentationMethod "
-            f"(kind {REPRESENTATION!r}) or TextMethod (kind {TEXT!r})"
+            f"(kind {REPRESENTATION!r}), TextMethod (kind {TEXT!r}) or ReplayMethod (kind {REPLAY!r})"
         )
     for key in (name, *getattr(cls, "aliases", ())):
         existing = _REGISTRY.get(key)

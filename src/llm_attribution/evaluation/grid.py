@@ -173,6 +173,8 @@ def noted_name(name: str, notes: Mapping[str, Any] | None) -> str:
             f"{name} ({notes['iterations']} iterations, not converged on {notes['blocks_not_converged']} of "
             f"{notes['blocks']} blocks)"
         )
+    if notes and "steps" in notes:  # magic: exact metagradients through the replayed steps
+        return f"{name} (through {notes['steps']} replayed steps)"
     if not notes or "depth" not in notes:
         return name
     if notes.get("converged", True):

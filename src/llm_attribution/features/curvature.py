@@ -158,7 +158,7 @@ class ModelCurvature:
                 k: v.to(self.device) for k, v in collate([self.encoded[i] for i in rows], self.pad_id).items()
             }
             labels = batch.pop("labels")
-            with _differentiable_twice(), autocast(self.model):
+            with differentiable_twice(), autocast(self.model):
                 logits = self.model(**batch, use_cache=False).logits
             if self.kind == "hessian":
                 products = self._hessian(logits, labels, tangents, [self.ids[i] for i in rows], n)
@@ -223,7 +223,7 @@ def _materialized(
     )
 
 
-def _differentiable_twice() -> contextlib.AbstractContextManager[object]:
+def differentiable_twice() -> contextlib.AbstractContextManager[object]:
     """Attention in the math kernel: the fused kernels' backward passes have no derivative of their own."""
     return sdpa_kernel([SDPBackend.MATH])
 

@@ -144,11 +144,15 @@ class _Capture:
 
 
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean next-token cross-entropy over its labelled tokens, and its labelled-token count."""
+    """Each row's mean next-token cross-entropy over its labelled tokens, and its labelled-token count
+    (in float32 at least; float64 logits stay float64, which the replay's finite-difference tests need)."""
     # Shift the labels, not the logits: slicing [b, T, vocab] logits would copy them (as HF's loss avoids).
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     token_loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+        shifted.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view_as(shifted)
     counts = (shifted != IGNORE_INDEX).sum(dim=1)
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts

@@ -57,6 +57,9 @@ class TrainSettings:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = option(0, "seed of the LoRA initialisation, dropout and the shuffling order")
+    adam_epsilon: float = option(
+        1e-8, "AdamW's epsilon (added to the root of the second moment)", recorded_at_default=False
+    )
     checkpoint_minutes: float = option(
         5.0,
         "save the training state mid-epoch at most this often, for resuming a killed run (0: after every "
@@ -70,6 +73,7 @@ class TrainSettings:
         require_positive("learning_rate", self.learning_rate)
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}")
+        require(self.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {self.adam_epsilon!r}")
         require(
             math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
             f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes!r}",
@@ -112,7 +116,8 @@ def epoch_learning_rates(settings: TrainSettings, n_train: int) -> dict[int, flo
     }
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's batches (training rows), drawn from ``generator``: the order replays depend on."""
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -144,7 +149,9 @@ def finetune(
     device = next(model.parameters()).device
     weights = LoraWeights(model) if weights is None else weights
     params = weights.parameters()
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.learning_rate, weight_decay=settings.weight_decay, eps=settings.adam_epsilon
+    )
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay(step, total))
@@ -200,7 +207,7 @@ def finetune(
         bar.update((first - 1) * steps_per_epoch + done)
         for epoch in range(first, settings.epochs + 1):
             at_start = generator.get_state()  # redraws this epoch's order when resuming mid-epoch
-            batches = _batches(len(encoded), settings.batch_size, generator)
+            batches = batch_order(len(encoded), settings.batch_size, generator)
             skip = done if epoch == first else 0
             losses = partial if skip else []
             start = time.perf_counter() - (partial_seconds if skip else 0.0)

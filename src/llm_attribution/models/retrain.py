@@ -41,6 +41,14 @@ class Retrainer:
         device = next(self.model.parameters()).device
         self._cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
+    def restore(self) -> PeftModel:
+        """The model at the initial adapter, with the random state(s) the run's fine-tuning started from."""
+        set_peft_model_state_dict(self.model, self._initial)
+        torch.set_rng_state(self._rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state(self._cuda_rng, next(self.model.parameters()).device)
+        return self.model
+
     def train(
         self,
         examples: Sequence[Example],
@@ -55,10 +63,7 @@ class Retrainer:
         """
         if settings.seed != self.seed:
             raise ValueError(f"a Retrainer for seed {self.seed} asked to train with seed {settings.seed}")
-        set_peft_model_state_dict(self.model, self._initial)
-        torch.set_rng_state(self._rng)
-        if self._cuda_rng is not None:
-            torch.cuda.set_rng_state(self._cuda_rng, next(self.model.parameters()).device)
+        self.restore()
         checkpoints = Checkpoints(
             adapter=lambda epoch: workdir / f"epoch-{epoch}", state=workdir / "state.pt"
         )

@@ -7,6 +7,7 @@ Scores follow one convention everywhere: HIGHER = the training example supports 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from ..evaluation.trust import trust_readings
 from ..features.gradients import Features, GradientSettings
 from ..models.settings import ModelSettings
 from ..scoring.engine import MethodResult, ScoredMethods, ScoringJob, score_in_memory, score_streamed
+from ..scoring.replayed import score_replayed
 from ..scoring.store import ScoreStore
 from ..scoring.train_features import TrainFeatures
-from .features import RunFeatures, by_trajectory, features_for
+from .features import RunFeatures, by_trajectory, features_for, is_replay
 from .layout import RESULTS_FILE, SETTINGS_FILE, scores_dir
+from .replay import open_replay
 from .runs import LoadedRun
 
 log = logging.getLogger(__name__)
@@ -139,7 +142,10 @@ def attribute_run(
     ihvp: dict[str, Any] = {}
     for group in by_trajectory(settings.build_methods()):
         job = _job(group, features_for(features, group), loaded_run, settings)
-        scored, compared = _score(job, features_for(features, group), settings.stream, timings)
+        if is_replay(group):  # MAGIC: the run replayed, no features read
+            scored, compared = score_replayed(job, functools.partial(open_replay, loaded_run), task.test)
+        else:
+            scored, compared = _score(job, features_for(features, group), settings.stream, timings)
         results.update(scored)
         ihvp.update(compared)
     results = {name: results[name] for name in settings.methods}  # in the order asked for

@@ -12,13 +12,14 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.errors import ConfigError
 from ..core.storage import read_json
 from ..diagnostics.convergence import gradient_cosine
 from ..evaluation.metrics import Metrics
 from ..features.gradients import Features, GradientSettings
 from ..scoring.engine import judge_methods
 from .attribute import AttributeSettings
-from .features import RunFeatures, by_trajectory, features_for
+from .features import RunFeatures, by_trajectory, features_for, is_replay
 from .layout import FINETUNE_FILE
 from .runs import run_epochs
 
@@ -55,6 +56,11 @@ def convergence(
         train, test, _ = features.in_memory()
         judged: dict[str, Metrics] = {}
         for group in by_trajectory(settings.build_methods()):
+            if is_replay(group):
+                raise ConfigError(
+                    f"{', '.join(group)} replays the fine-tuning run; the convergence diagnostic scores "
+                    "features of each epoch: leave it out of --methods here"
+                )
             used = features_for(features, group)  # TracIn: the checkpoints up to this epoch
             on = (train, test) if used is features else used.in_memory()[:2]
             judged |= judge_methods(group, *on, [e.label for e in task.train], [e.label for e in task.test])

@@ -8,6 +8,7 @@ the run's training examples by how much they support the answer. HIGHER score = 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attribution.base import ReplayMethod
 from ..core.settings import REQUIRED, option, require, require_positive
 from ..data.schema import Example
 from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
@@ -23,7 +25,8 @@ from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings
-from .features import RunFeatures, by_trajectory, features_for
+from .features import RunFeatures, by_trajectory, features_for, is_replay
+from .replay import open_replay
 from .runs import open_run
 
 QUERY_ID = "query"
@@ -150,6 +153,12 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     rows: dict[str, torch.Tensor] = {}
     tokens: dict[str, TokenShares] = {}
     for group in by_trajectory(attribute.build_methods()):
+        if is_replay(group):  # MAGIC: the query's metagradient through the replayed run
+            replay = open_replay(loaded_run)
+            for name, method in group.items():
+                rows[name] = typing.cast(ReplayMethod, method).score_replay(replay, [query])
+                ranked[name] = _top(rows[name][0], train_examples, settings.top)
+            continue
         used = features_for(features, group)
         train = used.stream("train")  # read back shard by shard: memory does not grow with the training set
         test = used.collect([query], desc="query")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..attribution.base import Method
+from ..attribution.base import REPLAY, Method
 from ..core import distributed
 from ..core.errors import ConfigError
 from ..core.settings import to_dict
@@ -290,12 +290,20 @@ class RunFeatures:
 
 def by_trajectory(methods: Mapping[str, Method]) -> list[dict[str, Method]]:
     """The methods in groups scored on the same features: those of the run's adapter, then those that
-    sum over every checkpoint (``needs_checkpoints``); empty groups left out."""
+    sum over every checkpoint (``needs_checkpoints``), then those that replay the run itself and read no
+    features (:func:`is_replay`); empty groups left out."""
     groups = [
-        {name: m for name, m in methods.items() if not m.needs_checkpoints},
+        {name: m for name, m in methods.items() if not m.needs_checkpoints and m.kind != REPLAY},
         {name: m for name, m in methods.items() if m.needs_checkpoints},
+        {name: m for name, m in methods.items() if m.kind == REPLAY},
     ]
     return [group for group in groups if group]
+
+
+def is_replay(group: Mapping[str, Method]) -> bool:
+    """Whether a group of :func:`by_trajectory` replays the fine-tuning run (MAGIC) instead of reading
+    features."""
+    return any(m.kind == REPLAY for m in group.values())
 
 
 def features_for(features: RunFeatures, group: Mapping[str, Method]) -> RunFeatures:
