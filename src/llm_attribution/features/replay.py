@@ -30,6 +30,7 @@ from torch.func import functional_call
 from ..core.progress import ProgressBar
 from ..data.schema import Example
 from ..data.templates import Encoded, PromptSettings, collate, encode_examples
+from ..models.device import autocast
 from ..models.finetune import TrainSettings, batch_order, decay
 from ..models.lora import lora_parameters
 from .curvature import differentiable_twice
@@ -243,7 +244,7 @@ class TrainingReplay:
         self.model.eval()
         batch = {k: v.to(self.device) for k, v in collate(queries, self.pad_id).items()}
         labels = batch.pop("labels")
-        with differentiable_twice():
+        with differentiable_twice(), autocast(self.model):  # the precision finetune() trained in
             logits = functional_call(self.model, params, args=(), kwargs={**batch, "use_cache": False}).logits
         return per_example_losses(logits, labels)[0]
 
@@ -277,7 +278,8 @@ class TrainingReplay:
         }
         labels = batch.pop("labels")
         names = list(state.params)
-        with torch.enable_grad(), differentiable_twice() if differentiable else contextlib.nullcontext():
+        twice = differentiable_twice() if differentiable else contextlib.nullcontext()
+        with torch.enable_grad(), twice, autocast(self.model):
             logits = functional_call(
                 self.model, state.params, args=(), kwargs={**batch, "use_cache": False}
             ).logits
