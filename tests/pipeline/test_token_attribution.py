@@ -62,6 +62,23 @@ def test_token_shares_add_up_to_each_top_score(tmp_path, capsys) -> None:
     assert code == 0, err
     assert "tokens of the response carrying #1's score" in out
 
+    # the report shows every kept explanation, with the response tokens carrying #1's score, largest first
+    kept = sorted((run / "explanations").glob("*.json"))
+    assert len(kept) == 2  # the API call (six methods) and the command (one): different queries' keys
+    code, _, err = run_cli(["report", str(run), "--examples", "0"], capsys)
+    assert code == 0, err
+    page = (run / "report.md").read_text()
+    assert "## Explained answers" in page and "share of #1's score" in page
+    shares = answer.tokens["kfac"]
+    best = answer.top["kfac"][0]
+    values = shares.shares[best.id]
+    response = [i for i, inside in enumerate(shares.in_response) if inside]
+    first = max(response, key=lambda i: abs(values[i]))
+    section = page[page.index("`kfac`") :]
+    table = section[section.index("| token of the response") :].splitlines()
+    assert table[2].endswith(f"| {values[first]:+.4g} |")  # the first row: the largest share
+    assert "<h2>Explained answers" in (run / "report.html").read_text()
+
 
 def test_methods_not_linear_in_the_test_gradient_are_refused(tmp_path, capsys) -> None:
     run = tmp_path / "run"

@@ -8,6 +8,8 @@ the run's training examples by how much they support the answer. HIGHER score = 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 
 from ..attribution.base import ReplayMethod
 from ..core.settings import REQUIRED, option, require, require_positive
+from ..core.storage import write_json_atomic
 from ..data.schema import Example
 from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
 from ..features.gradients import GradientSettings
@@ -26,6 +29,7 @@ from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings
 from .features import RunFeatures, by_trajectory, features_for, is_replay
+from .layout import explanation_file
 from .replay import open_replay
 from .runs import open_run
 
@@ -177,7 +181,25 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
                 )
     ranked = {name: ranked[name] for name in attribute.methods}  # in the order asked for
     tokens = {name: tokens[name] for name in attribute.methods if name in tokens}
-    return Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens)
+    explanation = Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens)
+    keep_explanation(run, explanation, loaded_run.epoch)
+    return explanation
+
+
+def keep_explanation(run: Path, explanation: Explanation, epoch: int | None) -> Path:
+    """Keep ``explanation`` in the run (the report shows every kept one); the same query, answer, methods
+    and epoch explained again replace it."""
+    identity = [
+        explanation.prompt,
+        explanation.response,
+        list(explanation.top),
+        epoch,
+        bool(explanation.tokens),
+    ]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    path = explanation_file(run, key)
+    write_json_atomic(path, {**explanation.to_dict(), "epoch": epoch})
+    return path
 
 
 def judge_trust(scores: dict[str, torch.Tensor]) -> dict[str, Trust]:

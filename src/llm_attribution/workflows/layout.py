@@ -55,6 +55,12 @@ LDS_DIR = "lds"
 LDS_FILE = "lds.json"
 COUNTERFACTUAL_DIR = "counterfactual"
 COUNTERFACTUAL_FILE = "counterfactual.json"
+EXPLANATIONS_DIR = "explanations"  # every answer `explain` ranked, one JSON each (the report shows them)
+
+
+def explanation_file(run: Path, key: str) -> Path:
+    """Where the explanation with content key ``key`` (a hash of the query and methods) is kept."""
+    return run / EXPLANATIONS_DIR / f"{key}.json"
 
 
 def adapter_dir(run: Path, epoch: int) -> Path:

@@ -36,6 +36,7 @@ from ..layout import (
 )
 from ..runs import FinetuneConfig
 from ..study import judge_task
+from .explanations import explanations_section
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .ground_truth import ground_truth_sections
 from .published import published_table
@@ -127,6 +128,9 @@ def build_report(
             report.add(*trust)
         for section in ground_truth_sections(run, run.relative_to(folder.parent)):
             report.add(*section)
+        explained = explanations_section(run, run.relative_to(folder.parent))
+        if explained is not None:
+            report.add(*explained)
     first = _runs(folder)[:1]
     if first and examples > 0:
         report.add(
