@@ -83,3 +83,18 @@ def test_what_magic_cannot_do_is_refused_in_one_line(run, tmp_path, capsys) -> N
         capsys,
     )
     assert code == 2 and "--tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lds_and_the_report_judge_magic_like_every_method(run, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(
+        ["lds", "--run", str(run), "--subsets", "4", "--methods", "hessian-free,magic"], capsys
+    )
+    assert code == 0, err
+    record = json.loads((run / "lds" / "lds.json").read_text())
+    entry = record["losses"]["attributed"]["methods"]["magic"]
+    assert len(entry["per_test"]) == 4 and entry["mean"] == pytest.approx(
+        sum(v for v in entry["per_test"] if v is not None) / sum(v is not None for v in entry["per_test"])
+    )
+    code, _, err = run_cli(["report", str(run), "--examples", "0"], capsys)
+    assert code == 0, err
+    assert "magic (through 6 replayed steps)" in (run / "report.md").read_text()
