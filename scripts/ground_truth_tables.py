@@ -3,6 +3,7 @@
 controls, its accuracy and coverage beside it (the proxy), and the curvature references where a run has them.
 
     python scripts/ground_truth_tables.py runs/gt [TASK ...]
+    python scripts/ground_truth_tables.py runs/gt --combined [TASK ...]  # tasks side by side
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_attribution.evaluation.grid import noted_name
 from llm_attribution.evaluation.lds import spearman_rows
 from llm_attribution.evaluation.statistics import bootstrap_ci
 
@@ -106,10 +108,39 @@ def _agreement(lds: dict[str, Any], results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def combined_table(root: Path, tasks: list[str]) -> str:
+    """One row per method: its LDS (attributed loss) on every task side by side, and its coverages; a
+    method whose notes differ between tasks (an unconverged solver) says so per task."""
+    lds = {t: json.loads((root / t / "lds" / "lds.json").read_text()) for t in tasks}
+    results = {t: json.loads((root / t / "results.json").read_text())["methods"] for t in tasks}
+    head = " | ".join(f"{t} LDS" for t in tasks)
+    lines = [f"| method | {head} | coverage ({' / '.join(tasks)}) |", "|---" * (len(tasks) + 2) + "|"]
+    first = lds[tasks[0]]
+    for name in [*first["methods"], *first["controls"]]:
+        noted = [noted_name(name, results[t].get(name, {}).get("notes")) for t in tasks]
+        per_task = "; ".join(
+            f"{t}: {n.removeprefix(name + ' (').removesuffix(')')}" for t, n in zip(tasks, noted, strict=True)
+        )
+        shown = noted[0] if len(set(noted)) == 1 else f"{name} ({per_task})"
+        cells = " | ".join(_cell(lds[t]["losses"]["attributed"]["methods"].get(name)) for t in tasks)
+        coverage = " / ".join(
+            f"{results[t][name]['coverage']:.3f}" if name in results[t] else "-" for t in tasks
+        )
+        lines.append(f"| {shown} | {cells} | {coverage} |")
+    ceiling = " | ".join(_cell(lds[t]["losses"]["attributed"]["noise_ceiling"]) for t in tasks)
+    lines.append(f"| noise ceiling (seed 0 vs 1) | {ceiling} | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    root = Path(sys.argv[1])
-    tasks = sys.argv[2:] or sorted(p.parent.parent.name for p in root.glob("*/lds/lds.json"))
-    print("\n\n".join(task_table(root / task) for task in tasks))
+    combined = "--combined" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--combined"]
+    root = Path(args[0])
+    tasks = args[1:] or sorted(p.parent.parent.name for p in root.glob("*/lds/lds.json"))
+    if combined:
+        print(combined_table(root, tasks))
+    else:
+        print("\n\n".join(task_table(root / task) for task in tasks))
 
 
 if __name__ == "__main__":
