@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from llm_attribution.attribution.base import REPLAY
 from llm_attribution.attribution.registry import available_methods, get_method, method_class
 from llm_attribution.core.errors import RunError
 from llm_attribution.data.templates import PromptSettings
@@ -48,13 +49,15 @@ SHARD = 5  # 23 training examples: 4 full shards and a partial one
 # Every registered method with its defaults, and the streamed forms the defaults do not reach on these
 # 256-wide blocks: LiSSA with one pass per step (blocks wider than chunk_size) and with mini-batches, and
 # exact through Woodbury (n_train < d) and through the d x d system.
-# methods on one adapter's features (those that read the trajectory or the optimizer have their own test)
+# methods on one adapter's features (those that read the trajectory or the optimizer have their own test;
+# magic reads no features at all: tests/pipeline/test_magic.py streams it)
+FEATURE_METHODS = [name for name in available_methods() if method_class(name).kind != REPLAY]
 ADAPTER_METHODS = [
     name
-    for name in available_methods()
+    for name in FEATURE_METHODS
     if not (method_class(name).needs_checkpoints or method_class(name).needs_moments)
 ]
-TRAJECTORY_METHODS = sorted(set(available_methods()) - set(ADAPTER_METHODS))
+TRAJECTORY_METHODS = sorted(set(FEATURE_METHODS) - set(ADAPTER_METHODS))
 VARIANTS = {
     **{name: {} for name in ADAPTER_METHODS},
     "lissa:passes": {"chunk_size": 64, "depth": 15},
