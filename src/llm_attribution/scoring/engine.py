@@ -107,6 +107,23 @@ class ScoringJob:
         """The stored iHVP comparison ({} when there is none to make), or None when it must be made."""
         return self.store.cached_ihvp(self.ihvp_key) if self.compared else {}
 
+    def keep(self, name: str, scores: torch.Tensor, seconds: float) -> None:
+        """Store one method's freshly computed scores with its settings and notes (rank 0 only)."""
+        log.info("scored %s in %.2f s", name, seconds)
+        pause_point("scores-method")
+        if distributed.is_main():
+            method = self.methods[name]
+            self.store.put(
+                name,
+                self.key(name),
+                scores,
+                seconds,
+                to_dict(method.settings),
+                self.train_ids,
+                self.test_ids,
+                method.notes(),
+            )
+
     def result(
         self, name: str, scores: torch.Tensor | None, metrics: Metrics, seconds: float
     ) -> MethodResult:
@@ -300,19 +317,7 @@ def score_in_memory(job: ScoringJob, load: Callable[[], tuple[Features, Features
                 scores, seconds = score_resumably(
                     method, train, test, store, job.key(name), job.checkpoint_minutes
                 )
-            log.info("scored %s in %.2f s", name, seconds)
-            pause_point("scores-method")
-            if distributed.is_main():
-                store.put(
-                    name,
-                    job.key(name),
-                    scores,
-                    seconds,
-                    to_dict(method.settings),
-                    job.train_ids,
-                    job.test_ids,
-                    method.notes(),
-                )
+            job.keep(name, scores, seconds)
         else:
             scores, seconds = hit
         metrics = evaluate(scores, job.train_labels, job.test_labels)

@@ -17,8 +17,6 @@ import torch
 from ..attribution.base import ReplayMethod
 from ..core import distributed
 from ..core.errors import ConfigError
-from ..core.pause import pause_point
-from ..core.settings import to_dict
 from ..data.schema import Example
 from ..evaluation.metrics import evaluate
 from ..features.replay import TrainingReplay
@@ -45,19 +43,7 @@ def score_replayed(
             start = time.perf_counter()
             scores = _on_ranks(method, replay, test)
             seconds = time.perf_counter() - start
-            log.info("scored %s in %.2f s", name, seconds)
-            pause_point("scores-method")
-            if distributed.is_main():
-                store.put(
-                    name,
-                    job.key(name),
-                    scores,
-                    seconds,
-                    to_dict(method.settings),
-                    job.train_ids,
-                    job.test_ids,
-                    method.notes(),
-                )
+            job.keep(name, scores, seconds)
         else:
             scores, seconds = hit
         metrics = evaluate(scores, job.train_labels, job.test_labels)
