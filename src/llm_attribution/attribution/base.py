@@ -394,6 +394,9 @@ class RepresentationMethod(Method):
     # whether each representation is joined with the gradient of the example's loss with respect to it
     # (RepT's signature) instead of the hidden state alone
     with_gradients: ClassVar[bool] = False
+    # whether a training example's tokens can be scored one by one against a test representation (RepT:
+    # its signature exists at every token; features/signatures.py), shown by ``explain --tokens``
+    training_token_scores: ClassVar[bool] = False
 
     @abstractmethod
     def score_representations(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attribution.base import ReplayMethod
+from ..attribution.base import ReplayMethod, RepresentationMethod
 from ..core.settings import REQUIRED, option, require, require_positive
 from ..core.storage import write_json_atomic
 from ..data.schema import Example
@@ -32,6 +32,7 @@ from .features import RunFeatures, by_trajectory, features_for, is_replay
 from .layout import explanation_file
 from .replay import open_replay
 from .runs import open_run
+from .training_tokens import TrainingTokens, score_training_tokens
 
 QUERY_ID = "query"
 
@@ -80,6 +81,8 @@ class Explanation:
     top: dict[str, list[Ranked]]
     trust: dict[str, Trust] = dataclasses.field(default_factory=dict)
     tokens: dict[str, TokenShares] = dataclasses.field(default_factory=dict)  # with --tokens
+    # with --tokens, for methods that score a training example's own tokens (RepT): method -> id -> tokens
+    training_tokens: dict[str, dict[str, TrainingTokens]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,10 @@ class Explanation:
             "methods": {name: [r.__dict__ for r in rows] for name, rows in self.top.items()},
             "trust": {name: dataclasses.asdict(trust) for name, trust in self.trust.items()},
             "tokens": {name: dataclasses.asdict(shares) for name, shares in self.tokens.items()},
+            "training_tokens": {
+                name: {key: dataclasses.asdict(t) for key, t in found.items()}
+                for name, found in self.training_tokens.items()
+            },
         }
 
 
@@ -106,7 +113,8 @@ class ExplainSettings:
     tokens: bool = option(
         False,
         "also show which tokens of the answer carry each method's top training examples' scores (methods "
-        "whose scores are linear in the test gradient)",
+        "whose scores are linear in the test gradient), and for rept which tokens of each top training "
+        "example match the answer",
     )
 
     def __post_init__(self) -> None:
@@ -120,11 +128,16 @@ class ExplainSettings:
             "answer has none: score it with llm-attr run or attribute",
         )
         if self.tokens:
-            other = [name for name, m in attribute.build_methods().items() if not m.token_additive]
+            other = [
+                name
+                for name, m in attribute.build_methods().items()
+                if not m.token_additive and not getattr(m, "training_token_scores", False)
+            ]
             require(
                 not other,
-                "--tokens needs methods whose scores are linear in the test gradient, and "
-                f"{', '.join(other)} are not (cosines, preconditioned rows, representations, text)",
+                "--tokens needs methods whose scores are linear in the test gradient (or rept, which scores "
+                f"training tokens), and {', '.join(other)} are not (cosines, preconditioned rows, "
+                "representations, text)",
             )
 
 
@@ -156,6 +169,7 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     ranked: dict[str, list[Ranked]] = {}
     rows: dict[str, torch.Tensor] = {}
     tokens: dict[str, TokenShares] = {}
+    training_tokens: dict[str, dict[str, TrainingTokens]] = {}
     for group in by_trajectory(attribute.build_methods()):
         if is_replay(group):  # MAGIC: the query's metagradient through the replayed run
             replay = open_replay(loaded_run)
@@ -169,9 +183,16 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
         for name, method in group.items():
             rows[name] = stream_scores(method, train, test)
             ranked[name] = _top(rows[name][0], train_examples, settings.top)
-        if settings.tokens:
+        by_id = {e.id: e for e in train_examples}
+        for name, method in group.items():
+            if settings.tokens and isinstance(method, RepresentationMethod):
+                shown = [by_id[r.id] for r in ranked[name]]
+                training_tokens[name] = score_training_tokens(loaded_run, method, test, shown)
+        if settings.tokens and any(method.token_additive for method in group.values()):
             per_token, token_rows = used.collect_tokens(query)
             for name, method in group.items():
+                if not method.token_additive:
+                    continue  # rept, in the same group: its tokens are the training example's, above
                 shares = stream_scores(method, train, per_token)  # [tokens, n_train]
                 index = {e.id: i for i, e in enumerate(train_examples)}
                 tokens[name] = TokenShares(
@@ -181,7 +202,8 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
                 )
     ranked = {name: ranked[name] for name in attribute.methods}  # in the order asked for
     tokens = {name: tokens[name] for name in attribute.methods if name in tokens}
-    explanation = Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens)
+    training_tokens = {name: training_tokens[name] for name in attribute.methods if name in training_tokens}
+    explanation = Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens, training_tokens)
     keep_explanation(run, explanation, loaded_run.epoch)
     return explanation
 
@@ -194,7 +216,7 @@ def keep_explanation(run: Path, explanation: Explanation, epoch: int | None) -> 
         explanation.response,
         list(explanation.top),
         epoch,
-        bool(explanation.tokens),
+        bool(explanation.tokens or explanation.training_tokens),
     ]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     path = explanation_file(run, key)
@@ -263,6 +285,8 @@ def format_explanation(explanation: Explanation, width: int = 90) -> str:
             lines.append(f"{r.rank:>4}  {r.score:>10.4g}  {_cut(r.label, 14):<14}  {text}")
         if name in explanation.tokens and rows:
             lines += _token_lines(explanation.tokens[name], rows[0], width)
+        if name in explanation.training_tokens and rows:
+            lines += _training_token_lines(explanation.training_tokens[name][rows[0].id], rows[0], width)
     return "\n".join(lines)
 
 
@@ -280,6 +304,24 @@ def _token_lines(shares: TokenShares, best: Ranked, width: int, count: int = 8) 
     return [
         f"tokens of the response carrying #1's score {best.score:.4g} (the response's tokens "
         f"{on_response:+.4g}, the prompt's {best.score - on_response:+.4g}):",
+        f"      {_cut(listed, width)}",
+    ]
+
+
+def _training_token_lines(found: TrainingTokens, best: Ranked, width: int, count: int = 8) -> list[str]:
+    """The tokens of the top training example whose signatures match the answer's most."""
+    # the prompt's last token is where the query's own signature is taken, so it matches by construction
+    # (its score is the example's): the other tokens are the ones that say something
+    others = [i for i in range(len(found.scores)) if i != found.sample_row]
+    order = sorted(others, key=lambda i: -found.scores[i])[:count]
+    listed = ", ".join(
+        f"{found.tokens[i].strip() or repr(found.tokens[i])}{'' if found.in_response[i] else '(p)'} "
+        f"{found.scores[i]:+.3g}"
+        for i in order
+    )
+    return [
+        f"tokens of #1 most like the answer besides its prompt's last token (whose score is #1's, "
+        f"{found.scores[found.sample_row]:+.4g}; (p): a token of its prompt):",
         f"      {_cut(listed, width)}",
     ]
 

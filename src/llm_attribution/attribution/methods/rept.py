@@ -8,7 +8,11 @@ By default the two are joined unscaled, as the authors' code does; where the gra
 hidden state the score is then RepSim's (on the tiny model the gradient's norm is about 1e-4 of the
 hidden state's). ``rept.halves=unit`` scales each half to unit norm first, so both count alike. The
 gradient comes from the backward pass that collects the weight gradients, at no extra cost.
-Sample-level only (the authors' token-level view is not here).
+
+Token level (``explain --tokens``): the same signature at every token of a top training example
+(:mod:`~llm_attribution.features.signatures`), each scored against the test signature by the same cosine,
+shows which of the training example's tokens carry the match; the one at its prompt's last token is the
+sample-level score.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class RepT(RepSim):
     name = "rept"
     summary = "RepT: cosine of [hidden state, its loss gradient] at the prompt's last token"
     with_gradients: ClassVar[bool] = True
+    training_token_scores: ClassVar[bool] = True
     Settings = ReptSettings
     settings: ReptSettings
 

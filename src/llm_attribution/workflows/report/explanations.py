@@ -1,6 +1,7 @@
 """The report's view of the answers `explain` ranked for a run: per answer, each method's top training
 examples and, where `explain --tokens true` split the scores over the answer's tokens, which tokens carry
-the top example's score (a table of the response's tokens and their shares, largest first)."""
+the top example's score (a table of the response's tokens and their shares, largest first); for rept,
+which tokens of the top training example match the answer (its tokens' scores, largest first)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def explanations_section(run: Path, where: Path) -> tuple[str, str, dict[str, by
         "Answers ranked by `llm-attr explain` on this run (each kept in `explanations/`); scores: higher = "
         "the training example supports the answer more. Token shares (with `explain --tokens true`): the "
         "part of the #1 training example's score that each token of the response carries; they add up to "
-        "the score with the prompt's tokens."
+        "the score with the prompt's tokens. Training tokens (rept): the cosine of the answer's signature "
+        "with the #1 example's at each of its tokens, besides its prompt's last token (whose score is the "
+        "example's)."
     ]
     for path in files:
         parts.append(_explanation(read_json(path)))
@@ -46,7 +49,22 @@ def _explanation(record: dict[str, Any]) -> str:
         shares = record.get("tokens", {}).get(name)
         if shares and rows:
             lines += ["", *_token_table(shares, rows[0]), ""]
+        training = record.get("training_tokens", {}).get(name, {}).get(rows[0]["id"]) if rows else None
+        if training:
+            lines += ["", *_training_token_table(training), ""]
     return "\n".join(lines)
+
+
+def _training_token_table(found: dict[str, Any]) -> list[str]:
+    scores, sample = found["scores"], found["sample_row"]
+    order = sorted((i for i in range(len(scores)) if i != sample), key=lambda i: -scores[i])[:TOKENS]
+    rows = [
+        f"| `{_token(found['tokens'][i])}` | {'response' if found['in_response'][i] else 'prompt'} "
+        f"| {scores[i]:+.4g} |"
+        for i in order
+    ]
+    head = f"| token of #1 | in its | score (#1's own, at its prompt's last token: {scores[sample]:+.4g}) |"
+    return [head, "|---|---|---|", *rows]
 
 
 def _token_table(shares: dict[str, Any], best: dict[str, Any]) -> list[str]:
