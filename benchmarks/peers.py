@@ -46,7 +46,10 @@ from sections import write_section
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ROOT / "benchmarks" / "peers"
 TASK = "../shared/data/paper-datasets/grammars"
-OUR_METHODS = ("hessian-free", "datainf", "exact", "ekfac-example")
+# Each timed in its own process, as the peers' methods are: eshampoo is the old ekfac-example (factors of the
+# per-example gradient matrices), ekfac the token-level EK-FAC the peers compute; tracin reads every epoch.
+OUR_METHODS = ("hessian-free", "datainf", "exact", "eshampoo", "kfac", "ekfac", "tracin", "trackstar")
+LDS_SUBSETS = 16  # half-subsets retrained for the LDS column; see --lds-subsets
 THREADS = 1  # per child; see --threads
 PINS = ("torch==2.13.0", "transformers==5.24.0", "peft==0.21.2")
 # pip's noise about this machine's local package folders, left out of recorded pip output
@@ -440,6 +443,8 @@ class Row:
     compared_with: str = ""
     note: str = ""
     load: tuple[float, float] | None = None
+    lds: Any = None  # LdsSummary against the run's retrained subsets, where they were measured
+    per_test_lds: list[float] | None = None
 
 
 def read_meta(out: Path) -> dict[str, Any]:
@@ -453,12 +458,14 @@ def read_meta(out: Path) -> dict[str, Any]:
 def closest_method(method: str) -> str:
     """Which of our methods a peer's method approximates (its rank correlation is taken with that one)."""
     lowered = method.lower()
+    if "trackstar" in lowered:
+        return "trackstar"
     if "datainf" in lowered:
         return "datainf"
     if any(word in lowered for word in ("grad-dot", "gradient dot", "tracin", "identity", "grad_dot")):
         return "hessian-free"
     if any(word in lowered for word in ("ekfac", "ek-fac")):
-        return "ekfac-example"
+        return "ekfac"
     return "exact"
 
 
@@ -492,22 +499,65 @@ def judge(
 
 def measure_ours(
     run: Path, work: Path, env: dict[str, str], timeout: float
-) -> tuple[Measured, dict[str, np.ndarray]]:
-    """A fresh ``llm-attr attribute`` on the run, its stored features and scores deleted first."""
+) -> tuple[dict[str, Measured], dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Each of our methods in a fresh ``llm-attr attribute`` process on the run, its stored features and
+    scores deleted first (so each time includes collecting the gradients, as a peer's does): the
+    measurements, the score matrices and each process's own stage timings."""
     from safetensors.numpy import load_file
 
-    for stale in ("features", "scores"):
-        shutil.rmtree(run / stale, ignore_errors=True)
-    (run / "results.json").unlink(missing_ok=True)
-    command = [str(Path(sys.executable).parent / "llm-attr"), "attribute", "--run", str(run)]
-    command += ["--methods", ",".join(OUR_METHODS)]
-    say(f"ours: {' '.join(command)}")
-    done = measure(command, work / "logs" / "ours.log", env, timeout)
+    done: dict[str, Measured] = {}
+    scores: dict[str, np.ndarray] = {}
+    stages: dict[str, dict[str, float]] = {}
+    for method in OUR_METHODS:
+        for stale in ("features", "scores"):
+            shutil.rmtree(run / stale, ignore_errors=True)
+        (run / "results.json").unlink(missing_ok=True)
+        command = [str(Path(sys.executable).parent / "llm-attr"), "attribute", "--run", str(run)]
+        command += ["--methods", method]
+        say(f"ours {method}: {' '.join(command)}")
+        done[method] = measure(command, work / "logs" / f"ours-{method}.log", env, timeout)
+        if done[method].returncode != 0:
+            raise SystemExit(
+                f"`llm-attr attribute` failed (exit {done[method].returncode}):\n{tail(done[method].log)}"
+            )
+        say(f"ours {method}: {done[method].seconds:.0f} s, peak RSS {done[method].peak_mib:.0f} MiB")
+        scores[method] = load_file(run / "scores" / f"{method}.safetensors")["scores"]
+        results = json.loads((run / "results.json").read_text())
+        timings = {k.removesuffix("_s").replace("_", " "): v for k, v in results.get("timings", {}).items()}
+        stages[method] = {**timings, method: results["methods"][method]["seconds"]}
+    return done, scores, stages
+
+
+def measure_lds(run: Path, work: Path, env: dict[str, str], subsets: int) -> Any:
+    """Retrain the run on ``subsets`` half-subsets of its training set (``llm-attr lds``, resumable, one
+    training seed: no noise ceiling) and return its measurements (None with ``subsets`` 0)."""
+    if not subsets:
+        return None
+    from llm_attribution.workflows.lds import lds_measurements
+
+    command = [str(Path(sys.executable).parent / "llm-attr"), "lds", "--run", str(run)]
+    # the last method measured is the one whose scores are stored (its LDS here is only lds.json's)
+    command += ["--subsets", str(subsets), "--ceiling", "false", "--methods", OUR_METHODS[-1]]
+    say(f"lds: {' '.join(command)}")
+    done = measure(command, work / "logs" / "lds.log", env, timeout=24 * 3600)
     if done.returncode != 0:
-        raise SystemExit(f"`llm-attr attribute` failed (exit {done.returncode}):\n{tail(done.log)}")
-    say(f"ours: {done.seconds:.0f} s, peak RSS {done.peak_mib:.0f} MiB")
-    scores = {m: load_file(run / "scores" / f"{m}.safetensors")["scores"] for m in OUR_METHODS}
-    return done, scores
+        raise SystemExit(f"`llm-attr lds` failed (exit {done.returncode}):\n{tail(done.log)}")
+    seed = int(json.loads((run / "settings.json").read_text())["train"]["seed"])
+    return lds_measurements(run, seed)
+
+
+def lds_of(scores: np.ndarray, measurements: Any) -> Any:
+    """The LDS of one score matrix against the retrains, per test example and summarised (or None)."""
+    if measurements is None:
+        return None
+    import torch
+
+    from llm_attribution.evaluation.lds import LdsSummary, lds_per_test
+
+    per_test = lds_per_test(
+        torch.from_numpy(scores.astype(np.float64)), measurements.masks, measurements.attributed
+    )
+    return LdsSummary.of(per_test)
 
 
 def measure_peer(
@@ -612,17 +662,18 @@ def cell(value: float | None, digits: int = 3) -> str:
 
 def table(rows: list[Row]) -> list[str]:
     lines = [
-        "| tool | version | method | wall s | peak RSS MiB | accuracy | coverage | rank corr. with ours "
-        "| note |",
-        "|---|---|---|---:|---:|---:|---:|---|---|",
+        "| tool | version | method | wall s | peak RSS MiB | accuracy | coverage | LDS [95% CI] "
+        "| rank corr. with ours | note |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         corr = "—" if r.agreement is None else f"{r.agreement:.2f} ({r.compared_with})"
         load = f"load {r.load[0]:.1f} → {r.load[1]:.1f}" if r.load else ""
         note = "; ".join(part for part in (load, r.note) if part).replace("\n", " ").replace("|", "\\|")
+        lds = "—" if r.lds is None else f"{r.lds.mean:.3f} [{r.lds.low:.2f}, {r.lds.high:.2f}]"
         lines.append(
             f"| {r.tool} | {r.version} | {r.method} | {cell(r.seconds, 0)} | {cell(r.peak_mib, 0)} "
-            f"| {cell(r.accuracy)} | {cell(r.coverage)} | {corr} | {note} |"
+            f"| {cell(r.accuracy)} | {cell(r.coverage)} | {lds} | {corr} | {note} |"
         )
     return lines
 
@@ -644,9 +695,9 @@ def report(
         "plain Hugging Face folder (float32), the adapter, and the examples tokenised by our template; every "
         f"tool's loss is the same, {meta['loss']}. Each peer is installed into its own throwaway venv with "
         f"{', '.join(PINS)} pinned and runs each method in a child process (`benchmarks/peers/run_<peer>.py "
-        "--method M`), on the LoRA weights only. Our line is one fresh `llm-attr attribute --methods "
-        f"{','.join(OUR_METHODS)}` process on the same run, its stored features and scores deleted first: "
-        "both sides include loading the model and computing every gradient.",
+        "--method M`), on the LoRA weights only. Each of our lines is a fresh `llm-attr attribute "
+        "--methods M` process on the same run, its stored features and scores deleted first: both sides "
+        "include loading the model and computing every gradient (tracin: those of all 3 epochs).",
         "",
         "Wall s: the whole child process (load: the machine's 1-minute load average when it started and "
         "ended; above 1, other jobs shared the 2 cores). Peak RSS: `ru_maxrss` of that child (its largest "
@@ -656,13 +707,46 @@ def report(
         "training example supports the test output more (each runner turns its peer's scores that way; "
         "see the sign notes below). Rank corr.: the mean over test examples of the Spearman correlation "
         "between the tool's ranking of the training examples and that of our method it approximates (in "
-        "brackets).",
+        "brackets). LDS: the linear datamodeling score against the run retrained on random half-subsets "
+        "of its training set (`llm-attr lds`, one training seed; see below), the mean over test examples "
+        "of the Spearman correlation between a subset's summed scores and minus the test loss after "
+        "retraining on it, with a 95% bootstrap interval over test examples.",
         "",
         *table(rows),
         "",
         *details,
     ]
     return "\n".join(lines)
+
+
+def lds_lines(rows: list[Row], retrained: Any, subsets: int) -> list[str]:
+    """How the LDS column was measured, and each peer method minus the one of ours it approximates,
+    paired on the same test examples."""
+    if retrained is None:
+        return []
+    from llm_attribution.evaluation.statistics import paired_difference
+
+    ours = {r.method: r for r in rows if r.tool.startswith("llm-attribution") and r.per_test_lds is not None}
+    lines = [
+        f"LDS: {len(retrained.masks)} random half-subsets of the training set (subset seed 0), each "
+        "retrained with the run's settings, initial adapter and seed (`llm-attr lds --run WORK/run "
+        f"--subsets {subsets} --ceiling false`); the loss is the one every tool attributes. Ours minus each "
+        "peer's method on the same test examples (95% paired interval; resolved when it excludes 0):",
+        "",
+    ]
+    for r in rows:
+        mine = ours.get(r.compared_with)
+        if r.tool.startswith("llm-attribution") or mine is None or mine.per_test_lds is None:
+            continue
+        if r.per_test_lds is None:
+            continue
+        diff = paired_difference([mine.per_test_lds], [r.per_test_lds])
+        verdict = "resolved" if diff.resolved else "not resolved"
+        lines.append(
+            f"- ours {mine.method} − {r.tool} {r.method}: {diff.mean:+.3f} "
+            f"[{diff.low:+.3f}, {diff.high:+.3f}] ({verdict})"
+        )
+    return [*lines, ""]
 
 
 def seconds_list(stages: dict[str, Any]) -> str:
@@ -686,6 +770,12 @@ def main() -> None:
     # 5-15x slower as soon as another process takes a core (measured: a forward and backward pass of 8
     # examples took 1 s with 1 thread and 2.5-18 s with 2), so 2 threads would measure the neighbours.
     parser.add_argument("--threads", type=int, default=THREADS, help="torch/OpenMP threads per child")
+    parser.add_argument(
+        "--lds-subsets",
+        type=int,
+        default=LDS_SUBSETS,
+        help="half-subsets retrained for the LDS column (resumable; 0: no LDS)",
+    )
     parser.add_argument("--export-only", action="store_true", help="stop after writing WORK/inputs")
     parser.add_argument(
         "--section", default="peers", help="name of the marked section of --out to replace (peers run apart)"
@@ -712,7 +802,8 @@ def main() -> None:
     env = child_env(work, args.threads)
     peers = [Peer.read(name) for name in names]
     installs = {peer.name: install(peer, work / "venvs", args.python, env) for peer in peers}
-    done_ours, ours = measure_ours(run, work, env, args.timeout)
+    done_ours, ours, our_stages = measure_ours(run, work, env, args.timeout)
+    retrained = measure_lds(run, work, env, args.lds_subsets)
     measured = {
         peer.name: measure_peer(peer, installs[peer.name], inputs, work, env, args.timeout, args.all_methods)
         for peer in peers
@@ -720,32 +811,35 @@ def main() -> None:
 
     train, test = (torch.load(inputs / f"{split}.pt", weights_only=False) for split in ("train", "test"))
     labels = (list(train["classes"]), list(test["classes"]))
-    results = json.loads((run / "results.json").read_text())
     rows = []
-    for index, method in enumerate(OUR_METHODS):
+    for method in OUR_METHODS:
         verdict = judge(ours[method].astype(np.float64), labels, ours, method)
+        mine = done_ours[method]
+        summary = lds_of(ours[method], retrained)
         rows.append(
             Row(
                 "llm-attribution (ours)",
                 __version__,
                 method,
-                None if index else done_ours.seconds,
-                None if index else done_ours.peak_mib,
+                mine.seconds,
+                mine.peak_mib,
                 verdict["accuracy"],
                 verdict["coverage"],
-                note=f"one process for all {len(OUR_METHODS)}" if not index else "",
-                load=None if index else done_ours.load,
+                load=mine.load,
+                lds=summary,
+                per_test_lds=None if summary is None else summary.per_test,
             )
         )
-    timings = {k.removesuffix("_s").replace("_", " "): v for k, v in results.get("timings", {}).items()}
-    timings.update({m: results["methods"][m]["seconds"] for m in OUR_METHODS})
-    stages = [f"- ours: {seconds_list(timings)}"]
+    stages = [f"- ours {method}: {seconds_list(our_stages[method])}" for method in OUR_METHODS]
     notes = []
     for peer in peers:
         installed = installs[peer.name]
         for method, done, out in measured[peer.name]:
             row = peer_row(peer, installed, method, done, out, labels, ours)
             row.load = done.load if done is not None else None  # the machine's load while it ran
+            if row.accuracy is not None:
+                row.lds = lds_of(np.load(out / "scores.npy"), retrained)
+                row.per_test_lds = None if row.lds is None else row.lds.per_test
             rows.append(row)
             peer_meta = read_meta(out)
             label = f"{peer.name} {peer_meta.get('method') or method}".strip()
@@ -774,6 +868,7 @@ def main() -> None:
             indented = installed.error.replace("\n", "\n  ")
             notes.append(f"- {peer.name} cannot run here:\n\n  ```\n  {indented}\n  ```")
     details = [
+        *lds_lines(rows, retrained, args.lds_subsets),
         "Where the time went (seconds per stage, as each runner timed them):",
         "",
         *stages,
