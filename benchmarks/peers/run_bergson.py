@@ -34,6 +34,19 @@ Methods (``--method``):
   ``1 / (lambda + c * mean(lambda))`` with ``c = DAMPING`` (0.1, Bergson's default and our ``exact``
   method's 0.1 x mean squared gradient) applied to every query gradient, then scored against the raw
   training gradients. The closest Bergson has to our inverse-Fisher methods; it has no DataInf.
+* ``trackstar``: ``bergson trackstar`` (its ``trackstar`` pipeline): every LoRA matrix's gradient randomly
+  projected (Bergson's TrackStar default ``projection_dim`` 16), a dense autocorrelation matrix of the
+  projected training gradients per module as the Fisher correction, applied two-sided (``R^-1/2`` to query
+  and training gradients, damped inverse with the same ``c`` 0.1), and unit norms: a cosine of corrected,
+  projected gradients. ``unit_normalize`` is set (Bergson's ``PreprocessConfig`` defaults it off, which
+  would make the correction one-sided and the score not a cosine, unlike TrackStar). Its mixing of the
+  query set's autocorrelation into the training set's is turned off (``mix_hessians=False``, the option
+  Bergson gives for a query set drawn like the training set and too small for its own estimate: our test
+  split is 100 examples of the same distribution, and the mixing's default aims at 1000 downweighted
+  components of a 65K-dimensional projection), and every example is used for the autocorrelation
+  (``stats_sample_size=None``). No optimizer second moments enter (the adapter folder carries no optimizer
+  state, and Bergson's TrackStar pipeline reads none); ours divides by them and is unprojected, with no
+  Fisher correction: the two share the cosine and the name, not the preconditioner.
 
 Sign: Bergson's scores for these methods have ``higher_is_better=True`` (its ScoreConfig): a positive score
 is a proponent, i.e. a gradient step on the training example lowers the query's loss. That is already our
@@ -82,13 +95,15 @@ INSTALL_NOTE = (
     "these paths, and PyPI's torchvision does not import beside the local torch 2.13.0 CPU build; its other "
     "dependencies, torchopt included (the EK-FAC pipeline imports it), are installed normally"
 )
-METHODS = ("grad-dot", "ekfac")
+METHODS = ("grad-dot", "ekfac", "trackstar")
+TRACKSTAR_PROJECTION = 16  # Bergson's TrackstarIndexConfig default
 BATCH_SIZE = 8  # examples per forward/backward pass
 DAMPING = 0.1  # ekfac: damping relative to the mean eigenvalue, as ours
 SIGN_NOTE = (
-    "Bergson's scores (higher_is_better=True) are <g_train, g_test> (grad-dot) or <g_train, H^-1 g_test> "
-    "(EK-FAC) over loss gradients: positive = proponent = a step on the training example lowers the test "
-    "loss. Same sign as ours; written unchanged."
+    "Bergson's scores (higher_is_better=True) are <g_train, g_test> (grad-dot), <g_train, H^-1 g_test> "
+    "(EK-FAC) or the cosine of R^-1/2-corrected projected gradients (TrackStar) over loss gradients: "
+    "positive = proponent = a step on the training example lowers the test loss. Same sign as ours; "
+    "written unchanged."
 )
 
 
@@ -159,6 +174,40 @@ def run(args: argparse.Namespace, work: Path, stages: dict[str, float]) -> Outpu
         stages["score_train"] = time.perf_counter() - start
         scores_dir = work / "scores"
         method = "build (test set, unprojected) + score (train set): LoRA gradient dot product"
+    elif args.method == "trackstar":
+        from bergson.cli.trackstar import trackstar
+        from bergson.config.config import InversionConfig, QuerySetConfig, TrackstarConfig
+
+        start = time.perf_counter()
+        config = index_cfg(work / "trackstar", train_path)
+        config.projection_dim = TRACKSTAR_PROJECTION
+        preprocess = PreprocessConfig(
+            unit_normalize=True,
+            inversion_cfg=InversionConfig(inversion="damped_inverse", damping_factor=args.damping),
+        )
+        trackstar(
+            config,
+            TrackstarConfig(
+                query=QuerySetConfig(dataset=test_path, aggregation="none"),
+                preprocess_cfg=preprocess,
+                score_cfg=score_cfg,
+                mix_hessians=False,
+                stats_sample_size=None,
+            ),
+        )
+        stages["trackstar_pipeline"] = time.perf_counter() - start
+        scores_dir = work / "trackstar" / "scores"
+        options.update(
+            projection_dim=TRACKSTAR_PROJECTION,
+            hessian="autocorrelation, two-sided R^-1/2",
+            unit_normalize=True,
+            mix_hessians=False,
+            damping_factor=args.damping,
+        )
+        method = (
+            f"trackstar pipeline (projection {TRACKSTAR_PROJECTION}, autocorrelation R^-1/2 both sides, "
+            f"c={args.damping}, unit norm, no query mixing; no optimizer moments)"
+        )
     else:
         from bergson.config.config import (
             HessianConfig,
