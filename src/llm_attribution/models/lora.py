@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -15,6 +18,11 @@ from ..core.storage import file_sha256
 from .settings import LoraSettings
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file peft saves an adapter's weights in
+SUPPORTED_ADAPTERS = (
+    "peft LoRA adapters (any target modules and rank, rsLoRA, per-module rank and alpha patterns)"
+)
+# What an adapter config records about itself, kept in the run's settings (``adapter.config``).
+RECORDED_CONFIG = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
@@ -39,10 +47,41 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     return peft_model
 
 
+def adapter_config(adapter: Path) -> dict[str, Any]:
+    """The adapter's peft config, checked to be one whose trained weights are LoRA matrices alone
+    (ModelError in one line otherwise: what it is, and what is supported)."""
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        raise ModelError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})") from None
+    kind = str(config.get("peft_type", "?"))
+    if kind != "LORA":
+        raise ModelError(f"{adapter} is a {kind} adapter; supported: {SUPPORTED_ADAPTERS}")
+    if config.get("use_dora"):
+        # DoRA also trains a magnitude vector per module, whose gradients no method here attributes.
+        raise ModelError(f"{adapter} is a DoRA adapter (use_dora); supported: {SUPPORTED_ADAPTERS}")
+    if config.get("modules_to_save"):
+        raise ModelError(
+            f"{adapter} also trains whole modules (modules_to_save: {', '.join(config['modules_to_save'])}), "
+            f"whose gradients are not attributed yet; supported: {SUPPORTED_ADAPTERS}"
+        )
+    return config
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an adapter config a run records beside the adapter's path and checksum."""
+    kept = {key: config.get(key) for key in RECORDED_CONFIG}
+    if isinstance(kept["target_modules"], list):
+        kept["target_modules"] = sorted(kept["target_modules"])
+    return kept
+
+
 def load_adapter(model: PreTrainedModel, adapter: Path, trainable: bool = False) -> PeftModel:
     """Load a saved peft adapter onto ``model`` (the base is always loaded by us, never from the adapter)."""
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    adapter_config(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     except Exception as exc:
@@ -76,9 +115,10 @@ def adapter_fingerprint(adapter: Path) -> str:
 
 
 def adapter_update_norms(adapter: Path) -> dict[str, float]:
-    """``||(alpha / r) B A||_F`` per adapted module of a saved peft adapter (no model needed)."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    scaling = float(config["lora_alpha"]) / float(config["r"])
+    """``||s B A||_F`` per adapted module of a saved peft adapter (no model needed), with peft's scaling
+    ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), the module's own rank and alpha where the config's
+    patterns give them."""
+    config = adapter_config(adapter)
     weights = load_file(str(adapter / ADAPTER_WEIGHTS))
     norms = {}
     for key, a in weights.items():
@@ -86,5 +126,16 @@ def adapter_update_norms(adapter: Path) -> dict[str, float]:
             continue
         b = weights[key.replace(".lora_A.", ".lora_B.")]
         module = key.split(".lora_A.")[0].removeprefix("base_model.model.").removeprefix("model.")
+        rank = a.shape[0]  # the module's own rank, whatever rank_pattern says
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         norms[module] = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double())))
     return norms
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """A per-module value from a peft pattern (a key matching the module name's end, as peft reads it)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?{pattern}$", module):
+            return value
+    return default

@@ -31,7 +31,7 @@ from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
-from ..models.lora import adapter_fingerprint, attach_lora, load_adapter
+from ..models.lora import adapter_config, adapter_fingerprint, attach_lora, load_adapter, recorded_config
 from ..models.resolve import LoadedModel, load_model
 from ..models.settings import LoraSettings, ModelSettings
 from ..models.tuning import FullWeights, TunedWeights, tuned_weights
@@ -111,7 +111,11 @@ def run_settings(config: FinetuneConfig, task: TaskData, adapter: Path | None = 
         "fingerprint": {"train": data_fingerprint(task.train), "test": data_fingerprint(task.test)},
     }
     if adapter is not None:
-        settings["adapter"] = {"path": str(adapter.resolve()), "sha256": adapter_fingerprint(adapter)}
+        settings["adapter"] = {
+            "path": str(adapter.resolve()),
+            "sha256": adapter_fingerprint(adapter),
+            "config": recorded_config(adapter_config(adapter)),
+        }
     return settings
 
 
