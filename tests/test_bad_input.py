@@ -67,6 +67,36 @@ def _dataset_folder(folder: Path, poison: str = "") -> str:
     return str(folder)
 
 
+def _chat_folder(folder: Path, bad: object) -> str:
+    """Chat-format train/test files whose training example 'bad' has the conversation ``bad``."""
+    folder.mkdir()
+    for split, n in (("train", 8), ("test", 2)):
+        rows = [
+            {
+                "id": f"{split}-{i}",
+                "messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": "ok"}],
+                "label": "ab"[i % 2],
+            }
+            for i in range(n)
+        ]
+        extra = [{"id": "bad", "messages": bad, "label": "a"}] if split == "train" else []
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    return str(folder)
+
+
+def _dora_adapter(folder: Path) -> str:
+    """A DoRA adapter of the tiny model (its tuner trains magnitude vectors besides the LoRA matrices)."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm_attribution.models.resolve import load_model
+    from llm_attribution.models.settings import ModelSettings
+
+    base = load_model(ModelSettings(model="tiny", device="cpu")).model
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    get_peft_model(base, config).save_pretrained(str(folder))
+    return str(folder)
+
+
 def _truncated_gguf(path: Path) -> str:
     """The first 2 MB of the embedded model's GGUF file: a real header, then nothing."""
     try:
@@ -229,6 +259,26 @@ CASES = [
         ("other settings", "learning_rate"),
     ),
     Case(
+        "chat example without an assistant turn",
+        lambda t, r: _run(t, "--task", _chat_folder(t / "d", [{"role": "user", "content": "hi"}])),
+        ("example bad", "no assistant turn"),
+    ),
+    Case(
+        "chat example with an unknown role",
+        lambda t, r: _run(t, "--task", _chat_folder(t / "d", [{"role": "robot", "content": "hi"}])),
+        ("example bad", "role 'robot'"),
+    ),
+    Case(
+        "chat messages that are not a list",
+        lambda t, r: _run(t, "--task", _chat_folder(t / "d", "hello")),
+        ("example bad", "non-empty list"),
+    ),
+    Case(
+        "unsupported adapter (DoRA)",
+        lambda t, r: _run(t, "--adapter", _dora_adapter(t / "dora")),
+        ("DoRA adapter", "supported: peft LoRA adapters"),
+    ),
+    Case(
         "damping scale 0",
         lambda t, r: ["diagnose", "spectrum", "--run", str(r), "--damping-scale", "0", "--quiet"],
         "--damping-scale",
@@ -282,7 +332,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
 
 def test_the_table_covers_every_bad_input_of_the_issue() -> None:
     covered = {c.name for c in CASES}
-    assert len(covered) == len(CASES) == 23
+    assert len(covered) == len(CASES) == 27
 
 
 def _cli_process(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import DataError
+from .chat import parse_messages, split_conversation
 from .schema import Example
 from .settings import DataSettings
 
@@ -25,16 +26,19 @@ AUTO_NAMES: dict[str, tuple[str, ...]] = {
     "label": ("label", "variation"),
     "id": ("id",),
 }
+MESSAGES = "messages"  # the column of chat-format data (a list of {role, content} per example)
 
 
 @dataclass(frozen=True)
 class Fields:
-    """Resolved column names; ``id=None`` means ids are generated as ``<split>-<index>``."""
+    """Resolved column names; ``id=None`` means ids are generated as ``<split>-<index>``. Chat-format data
+    has ``messages`` (its column) and no prompt or response columns (both empty)."""
 
     prompt: str
     response: str
     label: str
     id: str | None
+    messages: str | None = None
 
 
 def columns_of(rows: Sequence[Row]) -> list[str]:
@@ -43,7 +47,14 @@ def columns_of(rows: Sequence[Row]) -> list[str]:
 
 
 def resolve_fields(columns: Sequence[str], settings: DataSettings, source: str) -> Fields:
-    """Column names for prompt, response, label and id, from the settings and the data's columns."""
+    """Column names for prompt, response, label and id, from the settings and the data's columns; data
+    with a ``messages`` column and no prompt column is chat-format."""
+    if MESSAGES in columns and settings.prompt_field == "auto" and _find("prompt", "auto", columns) is None:
+        label = _required("label", settings, columns, source)
+        id_name = _find("id", settings.id_field, columns)
+        if id_name is None and settings.id_field != "auto":
+            _required("id", settings, columns, source)
+        return Fields(prompt="", response="", label=label, id=id_name, messages=MESSAGES)
     prompt, response, label = (
         _required(role, settings, columns, source) for role in ("prompt", "response", "label")
     )
@@ -77,7 +88,8 @@ def _required(role: str, settings: DataSettings, columns: Sequence[str], source:
 
 def require_fields(fields: Fields, columns: Sequence[str], split: str, source: str) -> None:
     """Fail unless a split (typically test) has every field resolved on the training split."""
-    missing = [name for name in (fields.prompt, fields.response, fields.label, fields.id) if name]
+    named = (fields.prompt, fields.response, fields.label, fields.id, fields.messages)
+    missing = [name for name in named if name]
     missing = [name for name in missing if name not in columns]
     if missing:
         raise DataError(
@@ -90,6 +102,9 @@ def to_examples(rows: Sequence[Row], fields: Fields, split: str, source: str) ->
     """Examples of one split; values become ``str`` and generated ids use the row's original index."""
     examples = []
     for index, row in enumerate(rows):
+        if fields.messages:
+            examples.append(_chat_example(row, fields, split, index, source))
+            continue
         prompt, response, label = (
             _value(row, name, split, index, source) for name in (fields.prompt, fields.response, fields.label)
         )
@@ -101,6 +116,15 @@ def to_examples(rows: Sequence[Row], fields: Fields, split: str, source: str) ->
     if dupes:
         raise DataError(f"{source}: duplicate example id(s) in {split}: {', '.join(dupes[:5])}")
     return tuple(examples)
+
+
+def _chat_example(row: Row, fields: Fields, split: str, index: int, source: str) -> Example:
+    assert fields.messages is not None
+    label = _value(row, fields.label, split, index, source)
+    example_id = _value(row, fields.id, split, index, source) if fields.id else f"{split}-{index}"
+    messages = parse_messages(row.get(fields.messages), f"{source}: {split} example {example_id}")
+    prompt, response = split_conversation(messages)
+    return Example(id=example_id, prompt=prompt, response=response, label=label, messages=messages)
 
 
 def _value(row: Row, name: str, split: str, index: int, source: str) -> str:

@@ -16,13 +16,17 @@ class Example:
     """One prompt/response pair with its class label.
 
     ``id`` is stable across runs (it keys score matrices and caches); ``label`` is the class that
-    attribution is judged by (the study's ``variation`` field).
+    attribution is judged by (the study's ``variation`` field). A chat-format example also keeps its
+    conversation as ``(role, content)`` pairs in ``messages`` (rendered by the model's chat template);
+    its ``prompt`` and ``response`` are then the text of the turns before its last assistant turn and that
+    turn, for what reads examples as text.
     """
 
     id: str
     prompt: str
     response: str
     label: str
+    messages: tuple[tuple[str, str], ...] = ()
 
     @property
     def text(self) -> str:
@@ -59,5 +63,7 @@ def data_fingerprint(examples: Sequence[Example]) -> str:
     """SHA-256 over ids, prompts, responses and labels, in order: any change to the data changes it."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e.id, e.prompt, e.response, e.label]).encode())
+        # a conversation is added only where there is one, so prompt/response data keep their fingerprints
+        fields = [e.id, e.prompt, e.response, e.label] + ([list(e.messages)] if e.messages else [])
+        digest.update(json.dumps(fields).encode())
     return digest.hexdigest()

@@ -24,9 +24,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import DataError
 from ..core.settings import option, require, require_choice, require_positive
+from .chat import chat_tokens
 from .schema import Example
 
 TEMPLATES = ("study", "chat")
+CHAT_LOSS = ("assistant", "all")
 LOSS_ON = ("all", "response")
 PADDING = ("mask", "study")
 IGNORE_INDEX = -100
@@ -56,11 +58,19 @@ class PromptSettings:
         choices=PADDING,
         recorded_at_default=False,
     )
+    chat_loss: str = option(
+        "assistant",
+        "chat-format data (a 'messages' field): the tokens the loss counts, assistant: every assistant "
+        "turn; all: the whole conversation (always rendered by the model's chat template)",
+        choices=CHAT_LOSS,
+        recorded_at_default=False,
+    )
 
     def __post_init__(self) -> None:
         require_choice("template", self.template, TEMPLATES)
         require_choice("loss_on", self.loss_on, LOSS_ON)
         require_choice("padding", self.padding, PADDING)
+        require_choice("chat_loss", self.chat_loss, CHAT_LOSS)
         require_positive("max_length", self.max_length)
         # The official code labels every token; masking the prompt while labelling pads reproduces nothing.
         require(
@@ -106,7 +116,10 @@ def _response_text(response: str, settings: PromptSettings) -> str:
 
 def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, settings: PromptSettings) -> Encoded:
     """Tokenise one example: prompt ids, then response ids and EOS, truncated to ``max_length``; with
-    ``padding="study"`` no EOS, left-padded to ``max_length`` with labelled EOS pads."""
+    ``padding="study"`` no EOS, left-padded to ``max_length`` with labelled EOS pads. A chat-format example
+    is its conversation as the chat template renders it (:func:`encode_chat`)."""
+    if example.messages:
+        return encode_chat(example, tokenizer, settings)
     prompt_ids = tokenizer(render_prompt(example.prompt, tokenizer, settings), add_special_tokens=True)[
         "input_ids"
     ]
@@ -129,6 +142,27 @@ def encode_example(example: Example, tokenizer: PreTrainedTokenizerBase, setting
     # the official code pads with EOS (its pad token) and labels the pads with their own ids
     padded = [tokenizer.eos_token_id] * pads
     return Encoded(tuple(padded + ids), tuple(padded + labels), n_prompt, pad_prefix=pads)
+
+
+def encode_chat(example: Example, tokenizer: PreTrainedTokenizerBase, settings: PromptSettings) -> Encoded:
+    """A conversation's tokens, truncated to ``max_length``, labelled on its assistant turns (or all of it,
+    ``chat_loss="all"``); its "prompt" is everything before the last assistant turn, so RepSim reads the
+    hidden state where the model starts that answer."""
+    where = f"example {example.id}"
+    if settings.padding == "study":
+        raise DataError(f"{where}: --padding study reproduces the study's prompt/response data, not chats")
+    ids, spans = chat_tokens(example.messages, tokenizer, where)
+    ids = ids[: settings.max_length]
+    if settings.chat_loss == "all":
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start : min(end, len(ids))]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise DataError(f"{where}: no assistant token is left within --max-length {settings.max_length}")
+    n_prompt = min(spans[-1][0], len(ids) - 1)
+    return Encoded(tuple(ids), tuple(labels[: len(ids)]), n_prompt)
 
 
 def encode_examples(
