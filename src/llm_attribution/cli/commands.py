@@ -48,6 +48,7 @@ from ..workflows.lds import LdsSettings, lds_lines, run_lds
 from ..workflows.report.build import ReportSettings, build_report, write_report
 from ..workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, run_with_adapter, select_epoch
 from ..workflows.study import StudySettings, run_study
+from ..workflows.trace import TraceSettings, format_trace, trace
 from .options import from_args
 
 SCORE_CONVENTION = "Scores: higher = the training example supports the test output more."
@@ -186,6 +187,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(explanation.to_dict(), indent=2))
     else:
         print(format_explanation(explanation))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    result = trace(Path(args.run), from_args(TraceSettings, args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_trace(result))
+        print(SCORE_CONVENTION)
     return 0
 
 

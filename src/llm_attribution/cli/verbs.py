@@ -27,6 +27,7 @@ from ..workflows.judge import EvaluateSettings
 from ..workflows.lds import LdsSettings
 from ..workflows.report.build import ReportSettings
 from ..workflows.study import StudySettings
+from ..workflows.trace import TraceSettings
 from . import commands
 
 SCORE_CONVENTION = commands.SCORE_CONVENTION
@@ -160,6 +161,17 @@ VERBS: tuple[Verb, ...] = (
         "examples with their scores, labels and text. " + SCORE_CONVENTION,
         (_run_folder(), JSON),
         (Options(ExplainSettings, "explain"),),
+    ),
+    Verb(
+        "trace",
+        commands.cmd_trace,
+        "the training examples behind the model's own answers to a file of prompts",
+        "Generate the run's answers to every prompt (in batches), keep those the behaviour judge labels "
+        "--flag (all without it), attribute them with each method, and report per answer its top training "
+        "examples, the share of --flag examples among each top-k, and the training examples ranked by "
+        "their total support for the kept answers (the list to review or remove). " + SCORE_CONVENTION,
+        (_run_folder(), JSON),
+        (Options(TraceSettings, "trace"),),
     ),
     Verb(
         "lds",

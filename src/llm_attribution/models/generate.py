@@ -18,23 +18,31 @@ def generate_answers(
     prompts: Sequence[str],
     settings: PromptSettings,
     max_new_tokens: int = 32,
+    batch_size: int = 1,
 ) -> list[str]:
-    """Greedy answers, one per prompt (generated one at a time: no padding effects, few prompts)."""
+    """Greedy answers, one per prompt, ``batch_size`` prompts per generation (left-padded, the padding
+    masked and positions counted from each prompt's first token, so a batch gives each prompt the answer
+    it gets alone)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     answers = []
-    for prompt in prompts:
-        text = render_prompt(prompt, tokenizer, settings)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"].to(device)
+    for start in range(0, len(prompts), batch_size):
+        texts = [render_prompt(p, tokenizer, settings) for p in prompts[start : start + batch_size]]
+        encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        width = max(len(ids) for ids in encoded)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         out = model.generate(  # type: ignore[operator]
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answers.append(str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip())
+        for row in out[:, width:]:
+            answers.append(str(tokenizer.decode(row, skip_special_tokens=True)).strip())
     model.train(was_training)
     return answers
