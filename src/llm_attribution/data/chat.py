@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import DataError
+from .schema import Example
 
 ROLES = ("system", "user", "assistant")
 Message = tuple[str, str]  # (role, content)
@@ -40,6 +41,18 @@ def parse_messages(value: Any, where: str) -> tuple[Message, ...]:
     if not any(role == "assistant" for role, _ in found):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to attribute")
     return tuple(found)
+
+
+def is_chat(examples: Sequence[Example]) -> bool:
+    """Whether a task's examples are conversations (then a new query is one too)."""
+    return any(e.messages for e in examples)
+
+
+def query_example(example_id: str, prompt: str, response: str, label: str, chat: bool) -> Example:
+    """A new prompt and answer to attribute: a one-turn conversation where the run's data are chats (so it
+    is rendered, and its loss taken, as the training examples are), else a prompt/response pair."""
+    messages = (("user", prompt), ("assistant", response)) if chat else ()
+    return Example(example_id, prompt, response, label, messages)
 
 
 def split_conversation(messages: Sequence[Message]) -> tuple[str, str]:

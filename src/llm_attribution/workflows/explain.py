@@ -22,6 +22,7 @@ import torch
 from ..attribution.base import ReplayMethod, RepresentationMethod
 from ..core.settings import REQUIRED, option, require, require_positive
 from ..core.storage import write_json_atomic
+from ..data.chat import is_chat, query_example
 from ..data.schema import Example
 from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
 from ..features.gradients import GradientSettings
@@ -148,15 +149,16 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     config = loaded_run.config
     prompt, response = settings.prompt, settings.response
     generated = response is None
+    chat = is_chat(loaded_run.task.train)
     if response is None:
         [response] = generate_answers(
             loaded_run.model,
             loaded_run.tokenizer,
             [prompt],
-            config.prompt,
+            dataclasses.replace(config.prompt, template="chat") if chat else config.prompt,
             max_new_tokens=settings.max_new_tokens,
         )
-    query = Example(QUERY_ID, prompt, response, "?")
+    query = query_example(QUERY_ID, prompt, response, "?", chat)
     features = RunFeatures(
         loaded_run,
         config.prompt,

@@ -26,6 +26,7 @@ from ..attribution.base import ReplayMethod
 from ..core.errors import DataError
 from ..core.settings import REQUIRED, option, require, require_positive
 from ..core.storage import write_json_atomic
+from ..data.chat import is_chat, query_example
 from ..data.schema import Example
 from ..diagnostics.behaviour import judge_labels
 from ..features.gradients import GradientSettings
@@ -127,17 +128,22 @@ def trace(run: Path, settings: TraceSettings) -> Trace:
             f"--flag {settings.flag}: no training example has that label "
             f"(labels: {', '.join(sorted({e.label for e in train}))})",
         )
+    chat = is_chat(train)
+    # a run on chat data answers through the chat template, as its training examples were rendered
+    rendering = (
+        dataclasses.replace(loaded_run.config.prompt, template="chat") if chat else loaded_run.config.prompt
+    )
     answers = generate_answers(
         loaded_run.model,
         loaded_run.tokenizer,
         prompts,
-        loaded_run.config.prompt,
+        rendering,
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.generation_batch_size,
     )
     judged = judge_labels(answers, train)
     kept = [i for i, label in enumerate(judged) if settings.flag is None or label == settings.flag]
-    queries = [Example(f"answer-{i}", prompts[i], answers[i], judged[i] or "?") for i in kept]
+    queries = [query_example(f"answer-{i}", prompts[i], answers[i], judged[i] or "?", chat) for i in kept]
     scores = _score(loaded_run, settings.methods, queries) if queries else {}
     top, share, support = {}, {}, {}
     labels = [e.label for e in train]
