@@ -88,8 +88,10 @@ def test_judge_reads_higher_as_more_supportive() -> None:
     assert verdict["accuracy"] == 0.0 and verdict["agreement"] == -1.0
     assert peers.closest_method("TracIn (gradient dot)") == "hessian-free"
     assert peers.closest_method("DataInf") == "datainf"
-    assert peers.closest_method("EK-FAC influence") == "ekfac-example"
-    assert peers.closest_method("EKFACAttributor (damping 0.1)") == "ekfac-example"
+    # the peers' EK-FAC is token-level: ours of the same kind; Bergson's TrackStar beside ours
+    assert peers.closest_method("EK-FAC influence") == "ekfac"
+    assert peers.closest_method("EKFACAttributor (damping 0.1)") == "ekfac"
+    assert peers.closest_method("trackstar pipeline (projection 16)") == "trackstar"
 
 
 def test_runner_constants_are_read_without_importing_the_runner() -> None:
