@@ -24,6 +24,7 @@ from ..core.settings import REQUIRED, option, require, require_positive
 from ..core.storage import write_json_atomic
 from ..data.chat import is_chat, query_example
 from ..data.schema import Example
+from ..data.templates import PromptSettings
 from ..evaluation.trust import shipped_trust_model, trust_k, trust_signals
 from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
@@ -32,7 +33,7 @@ from .attribute import STUDY_METHODS, AttributeSettings
 from .features import RunFeatures, by_trajectory, features_for, is_replay
 from .layout import explanation_file
 from .replay import open_replay
-from .runs import open_run
+from .runs import LoadedRun, open_run
 from .training_tokens import TrainingTokens, score_training_tokens
 
 QUERY_ID = "query"
@@ -146,7 +147,6 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     """Rank the run's training examples by how much each supports the answer (generated when not given)."""
     attribute = AttributeSettings(methods=settings.methods, epoch=settings.epoch)
     loaded_run = open_run(run, settings.epoch)
-    config = loaded_run.config
     prompt, response = settings.prompt, settings.response
     generated = response is None
     chat = is_chat(loaded_run.task.train)
@@ -155,18 +155,11 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
             loaded_run.model,
             loaded_run.tokenizer,
             [prompt],
-            dataclasses.replace(config.prompt, template="chat") if chat else config.prompt,
+            answer_rendering(loaded_run),
             max_new_tokens=settings.max_new_tokens,
         )
     query = query_example(QUERY_ID, prompt, response, "?", chat)
-    features = RunFeatures(
-        loaded_run,
-        config.prompt,
-        GradientSettings(),
-        config.model,
-        attribute.shard_size,
-        attribute.needs_kronecker,
-    )
+    features = answer_features(loaded_run, attribute)
     train_examples = loaded_run.task.train
     ranked: dict[str, list[Ranked]] = {}
     rows: dict[str, torch.Tensor] = {}
@@ -208,6 +201,26 @@ def explain(run: Path, settings: ExplainSettings) -> Explanation:
     explanation = Explanation(prompt, response, generated, ranked, judge_trust(rows), tokens, training_tokens)
     keep_explanation(run, explanation, loaded_run.epoch)
     return explanation
+
+
+def answer_rendering(loaded_run: LoadedRun) -> PromptSettings:
+    """How the run's model is prompted for a new answer: through the chat template where the run's data
+    are conversations (as its training examples were rendered), else with the run's template."""
+    prompt = loaded_run.config.prompt
+    return dataclasses.replace(prompt, template="chat") if is_chat(loaded_run.task.train) else prompt
+
+
+def answer_features(loaded_run: LoadedRun, attribute: AttributeSettings) -> RunFeatures:
+    """The run's features, for scoring new answers against its training examples."""
+    config = loaded_run.config
+    return RunFeatures(
+        loaded_run,
+        config.prompt,
+        GradientSettings(),
+        config.model,
+        attribute.shard_size,
+        attribute.needs_kronecker,
+    )
 
 
 def keep_explanation(run: Path, explanation: Explanation, epoch: int | None) -> Path:

@@ -29,11 +29,11 @@ from ..core.storage import write_json_atomic
 from ..data.chat import is_chat, query_example
 from ..data.schema import Example
 from ..diagnostics.behaviour import judge_labels
-from ..features.gradients import GradientSettings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings
-from .features import RunFeatures, by_trajectory, features_for, is_replay
+from .explain import answer_features, answer_rendering
+from .features import by_trajectory, features_for, is_replay
 from .replay import open_replay
 from .runs import LoadedRun, open_run
 
@@ -129,15 +129,11 @@ def trace(run: Path, settings: TraceSettings) -> Trace:
             f"(labels: {', '.join(sorted({e.label for e in train}))})",
         )
     chat = is_chat(train)
-    # a run on chat data answers through the chat template, as its training examples were rendered
-    rendering = (
-        dataclasses.replace(loaded_run.config.prompt, template="chat") if chat else loaded_run.config.prompt
-    )
     answers = generate_answers(
         loaded_run.model,
         loaded_run.tokenizer,
         prompts,
-        rendering,
+        answer_rendering(loaded_run),
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.generation_batch_size,
     )
@@ -171,15 +167,7 @@ def _score(
 ) -> dict[str, torch.Tensor]:
     """Every method's ``[n_queries, n_train]`` scores of the queries, as ``explain`` computes one."""
     attribute = AttributeSettings(methods=methods)
-    config = loaded_run.config
-    features = RunFeatures(
-        loaded_run,
-        config.prompt,
-        GradientSettings(),
-        config.model,
-        attribute.shard_size,
-        attribute.needs_kronecker,
-    )
+    features = answer_features(loaded_run, attribute)
     found: dict[str, torch.Tensor] = {}
     for group in by_trajectory(attribute.build_methods()):
         if is_replay(group):
