@@ -14,6 +14,10 @@ sizeable fraction of itself within a few dozen steps and wreck the model; 2e-5 i
 embedded model (4 x 576) are narrower than it and stay exact; full layers are projected to it (LoGra-style).
 
 Each (task, tuning) is one run folder OUT/<task>-<tuning>, reused when rerun with the same settings.
+With ``--lds-subsets M`` every run also gets ``llm-attr lds`` with M subsets of half its training set (one
+training seed: a full fine-tune retrained 2M times does not fit a 2-core session), and the LDS of every
+method is printed beside the proxies, the LoRA and full runs on the same subsets. Resumable: rerun the same
+command after a kill.
 """
 
 from __future__ import annotations
@@ -49,12 +53,33 @@ def _run(out: Path, task: str, tuning: str, args: argparse.Namespace) -> dict:  
         sys.exit(f"llm-attr {' '.join(argv)} failed with status {code}")
     results = json.loads((out / "results.json").read_text())
     finetune = json.loads((out / "finetune.json").read_text())
+    lds = None
+    if args.lds_subsets:
+        lds_argv = [
+            "lds", "--run", str(out), "--subsets", str(args.lds_subsets), "--ceiling", "false",
+            "--methods", args.methods, "--projection-dim", str(args.projection_dim), "--quiet",
+        ]  # fmt: skip
+        code = llm_attr(lds_argv)
+        if code != 0:
+            sys.exit(f"llm-attr {' '.join(lds_argv)} failed with status {code}")
+        lds = json.loads((out / "lds" / "lds.json").read_text())
     return {
+        "lds": lds,
         "methods": results["methods"],
         "features_s": sum(results["timings"].values()),
         "epoch_s": finetune["loss"]["seconds_per_epoch"],
         "loss": finetune["loss"]["epoch_loss"],
     }
+
+
+def _lds(record: dict, name: str) -> str:  # type: ignore[type-arg]
+    entry = record["losses"]["attributed"]["methods"][name]
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _lds_pair(got: dict, name: str) -> str:  # type: ignore[type-arg]
+    return f"LDS LoRA {_lds(got['lora']['lds'], name)}  full {_lds(got['full']['lds'], name)}"
 
 
 def main() -> None:
@@ -71,6 +96,7 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, default=2e-5)
     parser.add_argument("--projection-dim", type=int, default=4096)
     parser.add_argument("--methods", default="hessian-free,datainf,exact,repsim")
+    parser.add_argument("--lds-subsets", type=int, default=0, help="LDS with this many subsets (0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     lines = []
@@ -91,6 +117,13 @@ def main() -> None:
                 f"  {method:<14}{lora['accuracy']:>10.3f}{full['accuracy']:>10.3f}"
                 f"{lora['coverage']:>10.3f}{full['coverage']:>10.3f}"
             )
+            if got["lora"]["lds"] is not None:
+                lines.append(f"  {'':<14}{_lds_pair(got, method)}")
+        if got["lora"]["lds"] is not None:
+            for name in ("constant", "label-oracle"):
+                lines.append(f"  {name:<14}{_lds_pair(got, name)}")
+            seconds = [got[t]["lds"]["cost"]["seconds_per_retrain"] for t in ("lora", "full")]
+            lines.append(f"  seconds per retrain: LoRA {seconds[0]:.1f}, full {seconds[1]:.1f}")
     print("\n".join(lines))
     print("Scores: higher = the training example supports the test output more.")
 

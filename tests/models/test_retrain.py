@@ -13,6 +13,7 @@ from llm_attribution.models.lora import ADAPTER_WEIGHTS, attach_lora
 from llm_attribution.models.resolve import load_model
 from llm_attribution.models.retrain import Retrainer
 from llm_attribution.models.settings import LoraSettings, ModelSettings
+from llm_attribution.models.tuning import FULL_WEIGHTS, FullWeights
 from llm_attribution.workflows.layout import adapter_dir, checkpoints
 from tests.helpers import toy_task
 
@@ -46,3 +47,40 @@ def test_full_retrain_reproduces_the_run_and_subsets_differ(tmp_path) -> None:
     again = retrainer.train(task.train[:12], PROMPT, TRAIN, tmp_path / "again")
     assert len(again.steps) == len(half.steps) and again.steps == half.steps
     assert all(torch.equal(_weights(retrainer.model)[k], half_weights[k]) for k in half_weights)
+
+
+def test_full_fine_tuning_retrain_reproduces_the_run_and_restores_the_base(tmp_path) -> None:
+    """--tuning full: the retrained weights are the base's own linear layers, restored before each retrain."""
+    task = toy_task()
+    full = LoraSettings(tuning="full")
+    loaded = load_model(ModelSettings(model="tiny", device="cpu"))
+    retrainer = Retrainer(loaded.model, loaded.tokenizer, full, seed=TRAIN.seed)
+    initial = retrainer.weights.state()
+    retrainer.train(task.train[:12], PROMPT, TRAIN, tmp_path / "half")
+    half = retrainer.weights.state()
+    assert any(not torch.equal(half[k], initial[k]) for k in initial)  # it trained the base's weights
+    base = dict(loaded.model.named_parameters())
+    assert all(
+        torch.equal(base[k], initial[k]) for k in initial
+    )  # it trained a copy: the caller's base is as loaded
+
+    torch.manual_seed(TRAIN.seed)  # the run, as `llm-attr run --tuning full` makes it
+    weights = FullWeights(loaded.model, full.full_targets)
+    finetune(
+        loaded.model,
+        loaded.tokenizer,
+        task.train,
+        PROMPT,
+        TRAIN,
+        checkpoints(tmp_path / "run"),
+        weights=weights,
+    )
+    run_weights = load_file(adapter_dir(tmp_path / "run", TRAIN.epochs) / FULL_WEIGHTS)
+
+    retrainer.train(task.train, PROMPT, TRAIN, tmp_path / "all")
+    again = retrainer.weights.state()
+    assert again.keys() == run_weights.keys()
+    assert all(torch.equal(again[k], run_weights[k]) for k in run_weights)
+    assert retrainer.restore() is retrainer.model
+    restored = retrainer.weights.state()
+    assert all(torch.equal(restored[k], initial[k]) for k in initial)

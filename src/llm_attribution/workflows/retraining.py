@@ -1,8 +1,9 @@
 """Retrain a run's model on other sets of its training examples, many at once, resumably.
 
 Ground truth (``lds``, ``counterfactual``) is a list of :class:`RetrainJob`: which training rows, which
-seed, and the file its measurements go to. Each job fine-tunes the run's initial adapter on those rows with
-the run's settings (:class:`~llm_attribution.models.retrain.Retrainer`), then measures every test
+seed, and the file its measurements go to. Each job fine-tunes the run's initial weights (a LoRA
+adapter, or with ``--tuning full`` the base's linear layers) on those rows with the run's settings
+(:class:`~llm_attribution.models.retrain.Retrainer`), then measures every test
 example's losses (and, if asked, greedy answers to some test prompts) and writes them to its file in one
 atomic write. A job whose file exists is done: a killed command continues with the next unfinished job,
 and a job killed mid-way resumes from its last saved training step.
@@ -92,10 +93,6 @@ class _Context:
                 f"{run} explains an adapter trained elsewhere: retraining needs a run this tool trained"
             )
         self.config = FinetuneConfig.from_dict(settings)
-        if self.config.lora.tuning != "lora":
-            raise RunError(
-                f"{run} is a full fine-tune: retraining (lds, counterfactual) supports LoRA runs only so far"
-            )
         self.task: TaskData = load_task(self.config.data)
         if run_settings(self.config, self.task)["fingerprint"] != settings["fingerprint"]:
             raise RunError(f"the data of {run} changed since it was made; make a new run")
