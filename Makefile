@@ -51,3 +51,4 @@ bench: install
 		--skip-default-threads --out docs/benchmarks.md
 	$(BIN)/python benchmarks/peers.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/retraining.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/capture.py --out docs/benchmarks.md

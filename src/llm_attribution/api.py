@@ -1,6 +1,8 @@
 """The Python API, mirroring the CLI: ``finetune``, ``collect``, ``attribute``, ``evaluate``, ``explain``,
 and the settings they take (``FinetuneConfig`` with ``DataSettings``, ``ModelSettings``, ``LoraSettings``,
-``PromptSettings``, ``TrainSettings``; ``GradientSettings``).
+``PromptSettings``, ``TrainSettings``; ``GradientSettings``); and for a training script of one's own,
+``GradientCaptureCallback`` (a ``transformers.TrainerCallback``) and ``capture_gradients`` (any torch
+loop), which capture the per-example LoRA gradients of the training passes themselves.
 
 Scores everywhere follow one convention: HIGHER = the training example supports the test output MORE.
 """
@@ -20,6 +22,7 @@ from .features.gradients import Features, GradientSettings
 from .models.finetune import TrainSettings
 from .models.settings import LoraSettings, ModelSettings
 from .workflows.attribute import STUDY_METHODS, AttributeSettings, attribute_run
+from .workflows.capture import GradientCaptureCallback, capture_gradients
 from .workflows.curvature import CurvatureResult, CurvatureSettings, curvature_run
 from .workflows.diagnose import run_features
 from .workflows.explain import ExplainSettings, Explanation
@@ -31,12 +34,14 @@ __all__ = [
     "CurvatureSettings",
     "DataSettings",
     "FinetuneConfig",
+    "GradientCaptureCallback",
     "GradientSettings",
     "LoraSettings",
     "ModelSettings",
     "PromptSettings",
     "TrainSettings",
     "attribute",
+    "capture_gradients",
     "collect",
     "curvature",
     "evaluate",

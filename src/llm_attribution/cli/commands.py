@@ -15,7 +15,7 @@ from typing import Any
 
 from ..api import attribute, evaluate
 from ..core import distributed
-from ..core.errors import UserError
+from ..core.errors import ConfigError, UserError
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
 from ..evaluation.grid import noted_name, paired_markdown, study_markdown
@@ -139,8 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     gradients = from_args(GradientSettings, args)
     run = Path(args.out)
     with _removed_on_user_error(run):
+        if args.captured and not args.adapter:
+            raise ConfigError("--captured goes with --adapter: the adapter the capturing script saved")
         if args.adapter:
-            loaded_run = run_with_adapter(config, run, Path(args.adapter))
+            captured = Path(args.captured) if args.captured else None
+            loaded_run = run_with_adapter(config, run, Path(args.adapter), captured)
         else:
             report = finetune_run(config, run, show=args.show)
             _print_finetune(report)

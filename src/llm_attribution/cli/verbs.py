@@ -121,6 +121,15 @@ VERBS: tuple[Verb, ...] = (
                     "help": "an existing peft adapter folder to explain instead of fine-tuning",
                 },
             ),
+            Argument(
+                ("--captured",),
+                {
+                    "default": None,
+                    "metavar": "PATH",
+                    "help": "with --adapter: the training gradients the training script captured "
+                    "(GradientCaptureCallback or capture_gradients), read instead of collected",
+                },
+            ),
             SHOW,
         ),
         (*_finetune_options(), *ATTRIBUTION),

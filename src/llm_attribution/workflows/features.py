@@ -17,6 +17,7 @@ from ..core.errors import ConfigError
 from ..core.settings import to_dict
 from ..data.schema import Example, data_fingerprint
 from ..data.templates import Encoded, PromptSettings
+from ..features.captured import Capture
 from ..features.checkpoints import stack_checkpoints
 from ..features.gradients import Features, GradientSettings, collect_features
 from ..features.kronecker import KroneckerFactors
@@ -83,6 +84,9 @@ class RunFeatures:
         """The store of one split's features (of ``examples``, default: the run's split)."""
         examples = self.examples(split) if examples is None else examples
         fingerprint = split_fingerprint(self.identity, self.prompt, examples, self.gradients)
+        capture = self._capture(split)
+        if capture is not None:  # captured rows never mix with collected ones: a store of their own
+            fingerprint["captured_sha256"] = capture.sha256()
         return FeatureStore(features_dir(self.loaded_run.run), split, fingerprint, shard_size=self.shard_size)
 
     def keys(self) -> dict[str, str]:
@@ -270,10 +274,31 @@ class RunFeatures:
         test, test_s = _timed(lambda: self.load("test"))
         return train, test, {"features_train_s": train_s, "features_test_s": test_s}
 
+    def _capture(self, split: str) -> Capture | None:
+        """The gradient capture the run's training features come from (``--captured``), if any."""
+        if split != "train" or self.loaded_run.captured is None:
+            return None
+        capture = Capture.open(self.loaded_run.captured)
+        if capture.projection != self.gradients.fingerprint():
+            wanted = capture.projection.get("projection", {}).get("dim")
+            raise ConfigError(
+                f"the gradient capture was made with projection {wanted or 'none'}; pass the same "
+                f"--projection-dim{'' if wanted is None else f' {wanted}'} (and --projection-seed) to read it"
+            )
+        return capture
+
     def _collector(
         self, split: str, kronecker: KroneckerFactors | None = None
     ) -> Callable[[Sequence[Example]], Features]:
         model, tokenizer = self.loaded_run.model, self.loaded_run.tokenizer
+        capture = self._capture(split)
+        if capture is not None:
+            if kronecker is not None:
+                raise ConfigError(
+                    "kfac and ekfac gather token-level factors in a collection pass, which a gradient "
+                    "capture replaces; score them on a run without --captured"
+                )
+            return functools.partial(capture.features, tokenizer=tokenizer, prompt=self.prompt)
         collect = functools.partial(
             collect_features,
             model,

@@ -23,12 +23,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..core import distributed
 from ..core.errors import ConfigError, RunError
 from ..core.settings import from_dict, to_dict
-from ..core.storage import read_json, remove_stale_temporaries, write_json_atomic
+from ..core.storage import file_sha256, read_json, remove_stale_temporaries, write_json_atomic
 from ..core.versions import package_versions
 from ..data.loaders import load_task
 from ..data.schema import Example, TaskData, data_fingerprint
 from ..data.settings import DataSettings
 from ..data.templates import PromptSettings
+from ..features.captured import Capture
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
 from ..models.lora import adapter_config, adapter_fingerprint, attach_lora, load_adapter, recorded_config
@@ -79,6 +80,7 @@ class LoadedRun:
     base: LoadedModel  # the base model as loaded: its spec, source and device
     adapter: Path  # the epoch's folder: a peft adapter, or the full weights
     epoch: int | None
+    captured: Path | None = None  # a training-loop gradient capture read instead of collecting (--captured)
 
     @property
     def weights(self) -> TunedWeights:
@@ -103,8 +105,11 @@ class FinetuneReport:
         return self.loaded_run.run
 
 
-def run_settings(config: FinetuneConfig, task: TaskData, adapter: Path | None = None) -> dict[str, Any]:
-    """The settings a run folder records: the config, the data's content, and a given adapter."""
+def run_settings(
+    config: FinetuneConfig, task: TaskData, adapter: Path | None = None, captured: Path | None = None
+) -> dict[str, Any]:
+    """The settings a run folder records: the config, the data's content, a given adapter, and the
+    gradient capture its training features come from."""
     settings: dict[str, Any] = {
         **config.to_dict(),
         # The data's content is part of what produced the adapter: a changed file must not reuse the run.
@@ -116,6 +121,9 @@ def run_settings(config: FinetuneConfig, task: TaskData, adapter: Path | None = 
             "sha256": adapter_fingerprint(adapter),
             "config": recorded_config(adapter_config(adapter)),
         }
+    if captured is not None:
+        capture = Capture.open(captured)
+        settings["captured"] = {"path": str(capture.path.resolve()), "sha256": capture.sha256()}
     return settings
 
 
@@ -211,19 +219,23 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
     return FinetuneReport(loaded_run, saved_epochs(run), curve, reused, list(examples), before, after)
 
 
-def run_with_adapter(config: FinetuneConfig, run: Path, adapter: Path) -> LoadedRun:
-    """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning."""
+def run_with_adapter(
+    config: FinetuneConfig, run: Path, adapter: Path, captured: Path | None = None
+) -> LoadedRun:
+    """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning; with
+    ``captured``, its training features are those the training script captured (:mod:`.capture`)."""
     if config.lora.tuning != "lora":
         raise ConfigError("--adapter gives a LoRA adapter; it cannot be combined with --tuning full")
     with distributed.agree():
         task = load_task(config.data)
-        settings = run_settings(config, task, adapter)
+        settings = run_settings(config, task, adapter, captured)
     _, loaded = _start_run(run, settings, config.model)
     if distributed.is_main():
         write_json_atomic(run / DATA_FILE, _data_record(task))
     with distributed.agree():
         model = load_adapter(loaded.model, adapter)
-    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, None)
+    found = Path(settings["captured"]["path"]) if "captured" in settings else None
+    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, None, found)
 
 
 def open_run(run: Path, epoch: int | None = None) -> LoadedRun:
@@ -252,7 +264,12 @@ def _open_run(run: Path, epoch: int | None) -> LoadedRun:
             raise RunError(f"{run} has no adapter for epoch {epoch} (it has {', '.join(map(str, epochs))})")
         adapter = adapter_dir(run, epoch)
     model = _load_tuned(loaded.model, config.lora, adapter)
-    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch)
+    captured = None
+    if "captured" in settings:
+        captured = Path(settings["captured"]["path"])
+        if not captured.is_file() or file_sha256(captured) != settings["captured"]["sha256"]:
+            raise RunError(f"the gradient capture {captured} of {run} is gone or changed; make a new run")
+    return LoadedRun(run, config, task, model, loaded.tokenizer, loaded, adapter, epoch, captured)
 
 
 def select_epoch(loaded_run: LoadedRun, epoch: int | None) -> LoadedRun:
