@@ -40,7 +40,9 @@ class Retrainer:
         # A copy: peft injects the adapter into the model it wraps, full tuning unfreezes the copy's
         # weights, and either way the caller's base stays untouched.
         copied = copy.deepcopy(base)
-        self.model: PeftModel | PreTrainedModel = copied if lora.tuning == "full" else attach_lora(copied, lora)
+        self.model: PeftModel | PreTrainedModel = (
+            copied if lora.tuning == "full" else attach_lora(copied, lora)
+        )
         self.weights: TunedWeights = tuned_weights(self.model, lora)
         # Clones: a peft state dict shares storage with the live parameters, which training overwrites.
         self._initial = {k: v.detach().clone() for k, v in self.weights.state().items()}
