@@ -263,8 +263,9 @@ VERBS: tuple[Verb, ...] = (
         commands.cmd_report,
         "report.html (self-contained, plots embedded) and report.md of a study or run folder",
         "Write DIR/report.html and DIR/report.md: the grid with 95% intervals, the diagnostics found in the "
-        "runs, the study's 7B figures from its official score files, and top training examples. "
-        + SCORE_CONVENTION,
+        "runs, the study's 7B figures from its official score files, and top training examples; report.html "
+        "opens with an explorer of every test example's, traced and explained answer's top training examples "
+        "per method (report.html#test=K selects one). " + SCORE_CONVENTION,
         (),
         (Options(ReportSettings, "report"),),
     ),

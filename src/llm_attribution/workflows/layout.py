@@ -56,6 +56,7 @@ LDS_FILE = "lds.json"
 COUNTERFACTUAL_DIR = "counterfactual"
 COUNTERFACTUAL_FILE = "counterfactual.json"
 EXPLANATIONS_DIR = "explanations"  # every answer `explain` ranked, one JSON each (the report shows them)
+TRACES_DIR = "traces"  # every `trace` of the run, one JSON each (the report's explorer shows them)
 
 
 def explanation_file(run: Path, key: str) -> Path:

@@ -6,7 +6,8 @@ are kept (all, without it); each method scores the run's training examples again
 Per answer: the top training examples. Over all kept answers: the share of training examples of the
 flagged label among each answer's top-k (the protocol of RepT and of backdoor tracing: how much of what a
 method blames is the planted data), and the training examples ranked by their total support for the
-kept answers: the list a user would review or remove. Scores: higher = supports the answer more.
+kept answers: the list a user would review or remove. Per method and kept answer, the trust verdict
+(``evaluation.trust``), as a run keeps one per test example. Scores: higher = supports the answer more.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from ..core.storage import write_json_atomic
 from ..data.chat import is_chat, query_example
 from ..data.schema import Example
 from ..diagnostics.behaviour import judge_labels
+from ..evaluation.trust import trust_readings
 from ..models.generate import generate_answers
 from ..scoring.engine import stream_scores
 from .attribute import STUDY_METHODS, AttributeSettings
 from .explain import answer_features, answer_rendering
 from .features import by_trajectory, features_for, is_replay
+from .layout import TRACES_DIR
 from .replay import open_replay
 from .runs import LoadedRun, open_run
 
-TRACES_DIR = "traces"  # every trace of the run, one JSON each
 PROMPT_FIELDS = ("prompt", "prompts")
 
 
@@ -75,6 +77,8 @@ class Trace:
     top: dict[str, list[list[dict[str, Any]]]]  # method -> per kept answer -> top training examples
     flagged_share: dict[str, float | None]  # method -> mean share of flagged-label examples in the top-k
     support: dict[str, list[dict[str, Any]]]  # method -> training examples by total support, best first
+    # method -> each kept answer's verdict and its signals, as results.json keeps them per test example
+    trust: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"convention": "higher score = the training example supports the answer more", **vars(self)}
@@ -157,7 +161,8 @@ def trace(run: Path, settings: TraceSettings) -> Trace:
         total = matrix.double().sum(dim=0)
         ranked = torch.argsort(total, descending=True, stable=True)[:k]
         support[name] = [_entry(train[j], float(total[j])) for j in ranked.tolist()]
-    result = Trace(prompts, answers, judged, kept, settings.flag, top, share, support)
+    trust = trust_readings(scores) if scores else {}
+    result = Trace(prompts, answers, judged, kept, settings.flag, top, share, support, trust)
     _keep(run, result, settings)
     return result
 

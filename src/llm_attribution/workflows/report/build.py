@@ -2,8 +2,9 @@
 
 Contents: the grid with 95% intervals (a single run counts as a one-seed grid), the diagnostics found in
 the run folders, the study's own 7B figures from its official score files where those exist, and each
-method's top training examples for a few test examples. Texts of datasets that are not built-in are cut
-short and marked, so a report never reproduces a harmful training example in full.
+method's top training examples for a few test examples; in ``report.html`` an explorer of every test
+example's and traced answer's top training examples per method (``explorer.py``). Texts of datasets that
+are not built-in are cut short and marked, so a report never reproduces a harmful training example in full.
 Scores: HIGHER = the training example supports the test output more.
 """
 
@@ -20,38 +21,36 @@ import numpy as np
 from ...core.errors import RunError
 from ...core.settings import REQUIRED, option, require
 from ...core.storage import read_json, write_bytes_atomic
-from ...data.builtin import BUILTIN_TASKS
-from ...data.loaders import load_task
-from ...data.schema import TaskData
 from ...evaluation.grid import paired_differences, paired_markdown, per_class_markdown, study_markdown
 from ...scoring.store import ScoreStore
 from ..layout import (
     REPORT_HTML,
     REPORT_MD,
     RESULTS_FILE,
-    SETTINGS_FILE,
     STUDY_FILE,
     diagnostic_file,
     scores_dir,
 )
-from ..runs import FinetuneConfig
 from ..study import judge_task
 from .explanations import explanations_section
+from .explorer import explorer_data, explorer_html
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
 from .ground_truth import ground_truth_sections
 from .published import published_table
+from .texts import is_builtin, run_task, shown
 from .trust import trust_section
 
-CUT = 80
 EXAMPLES = 3
 TOP = 3
 
 
 @dataclass
 class Report:
-    """Sections in order: (title, markdown text, figures as name -> PNG bytes)."""
+    """Sections in order: (title, markdown text, figures as name -> PNG bytes); the explorer's HTML, which
+    only ``report.html`` can hold (empty: none)."""
 
     sections: list[tuple[str, str, dict[str, bytes]]] = field(default_factory=list)
+    explorer: str = ""
 
     def add(self, title: str, text: str, figures: dict[str, bytes] | None = None) -> None:
         self.sections.append((title, text, figures or {}))
@@ -59,11 +58,6 @@ class Report:
 
 def _runs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.rglob(RESULTS_FILE))
-
-
-def _task(run: Path) -> tuple[FinetuneConfig, TaskData]:
-    config = FinetuneConfig.from_dict(read_json(run / SETTINGS_FILE))
-    return config, load_task(config.data)
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,10 @@ class ReportSettings:
     official_scores: str = option(
         "../shared/data/official-scores", "the study's official score files, shown beside ours when present"
     )
-    examples: int = option(EXAMPLES, "test examples whose top training examples are shown (0: none)")
+    examples: int = option(
+        EXAMPLES,
+        "test examples whose top training examples report.md lists (0: none, and no explorer in report.html)",
+    )
     data_root: str = option(
         "../shared/data/paper-datasets", "the study's datasets, for the official scores' labels"
     )
@@ -93,7 +90,7 @@ def build_report(
     if (folder / STUDY_FILE).is_file():
         record = read_json(folder / STUDY_FILE)
     elif (folder / RESULTS_FILE).is_file():
-        _config, task = _task(folder)
+        _config, task = run_task(folder)
         methods = list(read_json(folder / RESULTS_FILE)["methods"])
         labels = ([e.label for e in task.train], [e.label for e in task.test])
         judged = judge_task({0: {"run": folder, "labels": labels}}, methods)
@@ -133,9 +130,9 @@ def build_report(
             report.add(*explained)
     first = _runs(folder)[:1]
     if first and examples > 0:
-        report.add(
-            f"Top training examples ({first[0].relative_to(folder.parent)})", _examples(first[0], examples)
-        )
+        where = first[0].relative_to(folder.parent)
+        report.add(f"Top training examples ({where})", _examples(first[0], examples))
+        report.explorer = explorer_html(explorer_data(first[0]), where)
     return report
 
 
@@ -236,12 +233,11 @@ def _diagnostics(report: Report, run: Path, root: Path) -> None:
 
 
 def _examples(run: Path, count: int) -> str:
-    config, task = _task(run)
-    safe = config.data.task in BUILTIN_TASKS
+    config, task = run_task(run)
+    builtin = is_builtin(config)
 
     def show(text: str) -> str:
-        flat = " ".join(text.split())
-        return flat if safe else (flat[:CUT] + " [cut: not a built-in dataset]" if len(flat) > CUT else flat)
+        return shown(text, builtin)
 
     lines = []
     picks = np.linspace(0, len(task.test) - 1, num=min(count, len(task.test))).astype(int)
@@ -272,7 +268,7 @@ def write_report(report: Report, folder: Path) -> tuple[Path, Path]:
         "<!doctype html><html><head><meta charset='utf-8'><title>llm-attribution report</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style></head><body>"
-        "<h1>llm-attribution report</h1>" + "".join(body) + "</body></html>"
+        "<h1>llm-attribution report</h1>" + report.explorer + "".join(body) + "</body></html>"
     )
     write_bytes_atomic(folder / REPORT_MD, "\n".join(md).encode())
     write_bytes_atomic(folder / REPORT_HTML, page.encode())
