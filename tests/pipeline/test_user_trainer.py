@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -72,7 +73,8 @@ def _user_training(base: Path, data: Path, adapter: Path) -> None:
     model.save_pretrained(str(adapter))
 
 
-def test_an_adapter_from_a_plain_trainer_on_chat_data_is_explained(tmp_path, capsys) -> None:
+def _user_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A base model folder and chat-format JSONL (12 training conversations; 3 test copies of the first)."""
     base = tmp_path / "base"
     tiny_llama(len(byte_tokenizer())).save_pretrained(str(base))
     byte_tokenizer().save_pretrained(str(base))
@@ -83,6 +85,11 @@ def test_an_adapter_from_a_plain_trainer_on_chat_data_is_explained(tmp_path, cap
     (data / "test.jsonl").write_text(
         "".join(json.dumps({**r, "id": f"t{i}"}) + "\n" for i, r in enumerate(train[:3]))
     )
+    return base, data
+
+
+def test_an_adapter_from_a_plain_trainer_on_chat_data_is_explained(tmp_path, capsys) -> None:
+    base, data = _user_data(tmp_path)
     adapter = tmp_path / "adapter"
     _user_training(base, data / "train.jsonl", adapter)
 
@@ -101,3 +108,53 @@ def test_an_adapter_from_a_plain_trainer_on_chat_data_is_explained(tmp_path, cap
     assert torch.equal(repsim.argmax(dim=1), torch.arange(3))  # each copy finds its source
     dot = read_scores(out / "scores" / "hessian-free.safetensors")
     assert dot.shape == (3, 12) and float(dot.abs().sum()) > 0
+
+
+def _explained_and_traced(base: Path, data: Path, adapter: Path, out: Path, capsys, *extra: str) -> None:  # type: ignore[no-untyped-def]
+    """`run --adapter` on the user's adapter, then `trace` of the model's own answers to a prompts file."""
+    argv = ["run", "--task", str(data), "--model", str(base), "--adapter", str(adapter), *extra]
+    code, _, err = run_cli([*argv, "--methods", "hessian-free,repsim", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    repsim = read_scores(out / "scores" / "repsim.safetensors")
+    assert torch.equal(repsim.argmax(dim=1), torch.arange(3))  # each copy finds its source
+    prompts = data.parent / "prompts.txt"
+    prompts.write_text("colour of apple 1?\ncolour of sky 2?\n")
+    trace = ["trace", "--run", str(out), "--prompts", str(prompts), "--methods", "hessian-free", "--top", "3"]
+    code, printed, err = run_cli([*trace, "--max-new-tokens", "4", "--quiet", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(printed)
+    ranked = result["top"]["hessian-free"]
+    assert len(result["answers"]) == 2 and len(ranked) == 2  # every answer kept (no --flag), each ranked
+    assert all(len(top) == 3 and {e["id"] for e in top} <= {f"c{i}" for i in range(12)} for top in ranked)
+
+
+def test_an_adapter_from_a_plain_trainer_is_traced(tmp_path, capsys) -> None:
+    base, data = _user_data(tmp_path)
+    adapter = tmp_path / "adapter"
+    _user_training(base, data / "train.jsonl", adapter)
+    _explained_and_traced(base, data, adapter, tmp_path / "run", capsys)
+
+
+def test_an_adapter_from_trl_sft_trainer_on_chat_data_is_explained_and_traced(tmp_path, capsys) -> None:
+    """TRL's SFTTrainer as a user runs it: chat JSONL, its own chat templating, collator and loss."""
+    trl = pytest.importorskip("trl", reason="TRL is not installed (make install installs it)")
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+
+    base, data = _user_data(tmp_path)
+    dataset = load_dataset("json", data_files=str(data / "train.jsonl"), split="train").remove_columns(
+        ["id", "label"]
+    )
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base)),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=2,
+        learning_rate=5e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer()).train()
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    assert len(load_file(str(adapter / "adapter_model.safetensors"))) == 28
+    _explained_and_traced(base, data, adapter, tmp_path / "run", capsys, "--chat-loss", "all")
