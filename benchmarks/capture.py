@@ -17,6 +17,7 @@ gradient rows, and of Hessian-free (gradient dot product) scores of the test exa
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from llm_attribution.core.progress import set_quiet
 from llm_attribution.data.loaders import load_task
@@ -54,6 +55,18 @@ def _pad(pad_id: int):  # type: ignore[no-untyped-def]
     return collate
 
 
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model as a user's script has it: a plain float32 model. The embedded model is loaded from
+    a GGUF file and keeps its quantisation mark, which the Trainer refuses though its weights are
+    dequantised, so its weights go into a model made from the same config without that mark."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict({k: v.to(torch.float32) for k, v in model.state_dict().items()}, strict=True)
+    return plain
+
+
 def _train(  # type: ignore[no-untyped-def]
     args: argparse.Namespace, scratch: Path, capture: Path | None, learning_rate: float, model=None
 ):
@@ -71,7 +84,7 @@ def _train(  # type: ignore[no-untyped-def]
         r=4, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules=["q_proj", "v_proj"],
         task_type="CAUSAL_LM",
     )  # fmt: skip
-    model = get_peft_model(loaded.model, lora) if model is None else model
+    model = get_peft_model(_plain(loaded.model), lora) if model is None else model
     training = TrainingArguments(
         output_dir=str(scratch / "trainer"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=learning_rate, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,

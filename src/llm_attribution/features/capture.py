@@ -221,29 +221,38 @@ def _loss_scale(
     grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, ``alpha_i`` with ``d loss / d logits_t = alpha_i (softmax(logits_t) - onehot(y_t))`` at
-    its labelled tokens (least squares over the whole vocabulary, then checked: a constant offset such as
-    label smoothing's would fit the label entries alone), and its mean token cross-entropy."""
+    its labelled tokens, and its mean token cross-entropy.
+
+    ``alpha_i`` is the least-squares fit of the label entries (``alpha_i (p_y - 1)``), checked at every
+    labelled token; the whole vocabulary is checked at the first labelled token of each example, since a
+    constant offset such as label smoothing's fits the label entries alone. Softmax over the vocabulary is
+    the costly part of a step's logits, so only the log-normaliser is formed for every token."""
     with torch.no_grad():
-        mask = (labels != IGNORE_INDEX).unsqueeze(-1)
+        mask = labels != IGNORE_INDEX
         target = labels.clamp(min=0).unsqueeze(-1)
-        logits32 = logits.float()
-        log_norm = torch.logsumexp(logits32, dim=-1, keepdim=True)
-        token_loss = (log_norm - logits32.gather(-1, target)).squeeze(-1)
-        residual = torch.exp(logits32 - log_norm)  # softmax, then minus the one-hot label
-        residual.scatter_add_(-1, target, -torch.ones_like(target, dtype=residual.dtype))
-        residual = residual * mask  # d (sum of the example's token losses) / d logits
-        observed = grad.float() * mask
-        alpha = (observed * residual).sum(dim=(1, 2)) / (residual * residual).sum(dim=(1, 2)).clamp(min=1e-30)
-        misfit = torch.linalg.vector_norm(observed - alpha.view(-1, 1, 1) * residual, dim=(1, 2))
-        size = torch.linalg.vector_norm(observed, dim=(1, 2)).clamp(min=1e-30)
-        if bool((misfit > SCALE_TOLERANCE * size).any()):
+        log_norm = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        token_loss = (log_norm - logits.gather(-1, target).float()).squeeze(-1)
+        residual = (torch.exp(-token_loss) - 1.0) * mask  # d (sum of token losses) / d logit_y
+        observed = grad.gather(-1, target).squeeze(-1).float() * mask
+        alpha = (observed * residual).sum(dim=1) / (residual * residual).sum(dim=1).clamp(min=1e-30)
+        misfit = (observed - alpha.unsqueeze(1) * residual).abs().amax(dim=1)
+        size = observed.abs().amax(dim=1).clamp(min=1e-30)
+        rows = torch.arange(len(labels), device=labels.device)
+        first = mask.int().argmax(dim=1)  # each example's first labelled token
+        whole = torch.softmax(logits[rows, first].float(), dim=-1)
+        whole[rows, labels[rows, first].clamp(min=0)] -= 1.0
+        expected = alpha.unsqueeze(1) * whole
+        off = torch.linalg.vector_norm(grad[rows, first].float() - expected, dim=1)
+        scale = torch.linalg.vector_norm(grad[rows, first].float(), dim=1).clamp(min=1e-30)
+        labelled = mask.any(dim=1)
+        if bool(((misfit > SCALE_TOLERANCE * size) | ((off > SCALE_TOLERANCE * scale) & labelled)).any()):
             raise ConfigError(
                 "gradient capture: the training loss is not a multiple of each example's token "
                 "cross-entropy (label smoothing, a weighted or custom loss?); capture supports plain "
                 "cross-entropy losses only"
             )
-        counts = mask.squeeze(-1).sum(dim=1)
-        return alpha, (token_loss * mask.squeeze(-1)).sum(dim=1) / counts.clamp(min=1)
+        counts = mask.sum(dim=1)
+        return alpha, (token_loss * mask).sum(dim=1) / counts.clamp(min=1)
 
 
 def _nll_scale(
