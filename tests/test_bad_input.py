@@ -97,6 +97,40 @@ def _dora_adapter(folder: Path) -> str:
     return str(folder)
 
 
+def _lora_adapter(folder: Path) -> str:
+    """A plain LoRA adapter of the tiny model, as a user's script saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm_attribution.models.resolve import load_model
+    from llm_attribution.models.settings import ModelSettings
+
+    base = load_model(ModelSettings(model="tiny", device="cpu")).model
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(folder)
+    )
+    return str(folder)
+
+
+def _capture(folder: Path) -> str:
+    """A gradient capture of one training step on two examples that are not the run's."""
+    from llm_attribution.data.templates import PromptSettings, collate, encode_examples
+    from llm_attribution.models.lora import attach_lora
+    from llm_attribution.models.resolve import load_model
+    from llm_attribution.models.settings import LoraSettings, ModelSettings
+    from llm_attribution.workflows.capture import capture_gradients
+    from tests.helpers import toy_task
+
+    loaded = load_model(ModelSettings(model="tiny", device="cpu"))
+    model = attach_lora(loaded.model, LoraSettings())
+    examples = toy_task(n_train=2).train
+    batch = collate(
+        encode_examples(examples, loaded.tokenizer, PromptSettings()), loaded.tokenizer.pad_token_id
+    )
+    with capture_gradients(model, folder):
+        model(**batch).loss.backward()
+    return str(folder)
+
+
 def _truncated_gguf(path: Path) -> str:
     """The first 2 MB of the embedded model's GGUF file: a real header, then nothing."""
     try:
@@ -277,6 +311,28 @@ CASES = [
         "unsupported adapter (DoRA)",
         lambda t, r: _run(t, "--adapter", _dora_adapter(t / "dora")),
         ("DoRA adapter", "supported: peft LoRA adapters"),
+    ),
+    Case(
+        "--captured without --adapter",
+        lambda t, r: _run(t, "--captured", str(t / "capture")),
+        "--captured goes with --adapter",
+    ),
+    Case(
+        "--captured folder without a capture",
+        lambda t, r: _run(t, "--adapter", _lora_adapter(t / "a"), "--captured", str(t)),
+        "holds no gradient capture",
+    ),
+    Case(
+        "capture without the run's training examples",
+        lambda t, r: _run(t, "--adapter", _lora_adapter(t / "a"), "--captured", _capture(t / "c")),
+        ("holds no gradient of training example", "tokenised it otherwise"),
+    ),
+    Case(
+        "capture read with another projection",
+        lambda t, r: _run(
+            t, "--adapter", _lora_adapter(t / "a"), "--captured", _capture(t / "c"), "--projection-dim", "16"
+        ),
+        ("made with projection none", "--projection-dim"),
     ),
     Case(
         "damping scale 0",
