@@ -97,6 +97,26 @@ def ref_lissa_study(train: Blocks, test: Blocks, depth: int = 3, scale: float = 
     return out
 
 
+def ref_lissa(depth: int) -> Callable[[Blocks, Blocks], torch.Tensor]:
+    """The full-batch LiSSA recursion stepped ``depth`` times, with the default scale (largest squared
+    training row + lambda)."""
+
+    def reference(train: Blocks, test: Blocks) -> torch.Tensor:
+        def inverse(g: torch.Tensor) -> torch.Tensor:
+            lam, d = damping(g), g.shape[1]
+            scale = float(g.pow(2).sum(dim=1).max()) + lam
+            fisher = g.T @ g / g.shape[0]
+            h = torch.eye(d, dtype=g.dtype)  # the recursion on every basis vector at once
+            v = h.clone()
+            for _ in range(depth):
+                h = v + (1 - lam / scale) * h - fisher @ h / scale
+            return h / scale
+
+        return _ref_with_inverse(train, test, inverse)
+
+    return reference
+
+
 # --------------------------------------------------------------------- the case table
 
 WIDE = {"n_train": 7, "n_test": 5, "dims": {"layers.0.q.lora_A": 12, "layers.0.q.lora_B": 9}}  # n < d
@@ -122,6 +142,11 @@ CASES = [
     Case("exact-forced-dense", "exact", ref_exact, WIDE, options={"solver": "dense"}),
     Case("exact-forced-woodbury", "exact", ref_exact, TALL, options={"solver": "woodbury"}),
     Case("lissa-converged", "lissa", ref_exact, TALL, CONVERGED_TOL, {"depth": 2000}),
+    Case("lissa-stepped", "lissa", ref_lissa(40), WIDE, options={"depth": 40}),
+    Case("lissa-closed-wide", "lissa", ref_lissa(40), WIDE, options={"depth": 40, "closed_form": True}),
+    Case("lissa-closed-tall", "lissa", ref_lissa(40), TALL, options={"depth": 40, "closed_form": True}),
+    # millions of steps, as LoRA blocks need: the recursion's fixed point is exact's inverse product
+    Case("lissa-closed-converged", "lissa", ref_exact, WIDE, options={"depth": 10**8, "closed_form": True}),
     Case("lissa-study", "lissa-study", ref_lissa_study, WIDE),
 ]
 IDS = [case.id for case in CASES]

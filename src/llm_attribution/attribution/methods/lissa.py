@@ -13,6 +13,10 @@ the same damped inverse as ``exact`` and ``datainf`` approximate. The error cont
 ``s = max_i ||g_i||^2 + lambda``, which bounds ``mu_max(F_B) + lambda`` for every batch, so no step expands.
 A recursion whose iterate turns non-finite or grows past ``1e6 (s / lambda) ||v||`` (a converging one
 stays below ``(s / lambda) ||v||``) stops with a :class:`LissaDivergenceWarning` naming the block.
+``closed_form=True`` gives the same full-batch recursion's result after ``depth`` steps exactly, through
+each block's Fisher eigendecomposition (``h_T / s = f(F) v`` with ``f(mu) = (1 - (1 - (mu + lambda) /
+s)^(T+1)) / (mu + lambda)``), so the millions of steps a LoRA block needs cost one eigendecomposition:
+this is how a converged LiSSA is measured at all.
 
 ``lissa-study`` -- what the study's official code ran (``influence_function(hvp_cal='LiSSA')`` in
 plumprc/Failures-of-Influence-Functions-in-LLMs, ``utils.py``):
@@ -36,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ...core.errors import ConfigError
 from ...core.seeds import block_seed
 from ...core.settings import option, require, require_positive
 from ..base import (
@@ -73,6 +78,12 @@ class LissaSettings(DampedSettings):
         None, "training gradients per step (sampled, seeded); None: all (deterministic)"
     )
     seed: int = option(0, "seed of the mini-batch sampling")
+    closed_form: bool = option(
+        False,
+        "compute the full-batch recursion's depth-step result exactly through each block's Fisher "
+        "eigendecomposition instead of stepping (same numbers; any depth, e.g. the millions of steps "
+        "convergence needs on LoRA blocks, at the cost of one eigendecomposition)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,7 +178,13 @@ class Lissa(InnerProductMethod):
         cfg = self.settings
         names, dtype = live_blocks(train, test)
         if cfg.batch_size is not None and cfg.batch_size < train.rows:
+            if cfg.closed_form:
+                raise ConfigError(
+                    "lissa.closed_form computes the full-batch recursion: drop lissa.batch_size"
+                )
             return self._minibatch_recursions(train, test, names, dtype)
+        if cfg.closed_form:
+            return self._closed_forms(train, test, names, dtype)
         statistics = train.statistics()
         v, scale, delta, limit = {}, {}, {}, {}
         for name in names:
@@ -195,6 +212,30 @@ class Lissa(InnerProductMethod):
                 break
         out.update({name: block / scale[name] for name, block in h.items()})
         return {name: out[name] for name in names}
+
+    def _closed_forms(
+        self, train: TrainPasses, test: GradientBlocks, names: list[str], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """The full-batch recursion's result after ``depth`` steps, exactly, per block.
+
+        With ``M = I - (F + lambda I) / s``, ``h_T = sum_{t <= T} M^t v``, so the result ``h_T / s`` is
+        ``f(F) v`` with ``f(mu) = (1 - (1 - (mu + lambda) / s)^(T + 1)) / (mu + lambda)``: in F's
+        eigenbasis a scalar per eigenvalue, and ``f(0)`` on the directions outside the training span."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for chunk in train:
+            for name in names:
+                parts[name].append(chunk[name])
+        statistics = train.statistics()
+        out = {}
+        for name in names:
+            lam = statistics[name].damping(self.settings.damping_scale)
+            scale = self.settings.scale
+            scale = scale if scale is not None else statistics[name].max_row_squares + lam
+            self._check_depth(name, lam / scale)
+            v = test[name].to(dtype=dtype)
+            rows = gather_rows(parts.pop(name)).to(v.device, torch.float64)
+            out[name] = _lissa_function(rows, v, lam, scale, self.settings.depth).to(dtype)
+        return out
 
     def _minibatch_recursions(
         self, train: TrainPasses, test: GradientBlocks, names: list[str], dtype: torch.dtype
@@ -257,6 +298,29 @@ class Lissa(InnerProductMethod):
             last_step,
         )
         return out
+
+
+def _lissa_function(
+    rows: torch.Tensor, test: torch.Tensor, lam: float, scale: float, depth: int
+) -> torch.Tensor:
+    """``f(F) v`` for every test row, ``F = rows^T rows / n`` (float64), through the eigendecomposition of
+    the smaller of ``G G^T / n`` and ``G^T G / n``."""
+    n, d = rows.shape
+
+    def f(mu: torch.Tensor) -> torch.Tensor:
+        shifted = mu + lam
+        return (1.0 - torch.pow(1.0 - shifted / scale, depth + 1)) / shifted
+
+    v = test.to(torch.float64)
+    if n < d:
+        mu, u = torch.linalg.eigh(rows @ rows.T / n)
+        keep = mu > mu.max().clamp(min=0) * n * torch.finfo(torch.float64).eps  # the span's directions
+        basis = (rows.T @ u[:, keep]) / torch.sqrt(n * mu[keep])  # F's eigenvectors with eigenvalue mu
+        outside = f(torch.zeros((), dtype=torch.float64))
+        coefficients = v @ basis
+        return outside * v + (coefficients * (f(mu[keep]) - outside)) @ basis.T
+    mu, basis = torch.linalg.eigh(rows.T @ rows / n)
+    return ((v @ basis) * f(mu.clamp(min=0))) @ basis.T
 
 
 @dataclass(frozen=True)
