@@ -101,12 +101,14 @@ def _train(  # type: ignore[no-untyped-def]
 
 
 def measure(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
+    load_before = os.getloadavg()[0]
     plain, captured = [], []
     for repeat in range(args.repeats):
         seconds, trained, *_ = _train(args, scratch, None, 1e-3)
         plain.append(seconds)
         captured.append(_train(args, scratch, scratch / f"capture-{repeat}", 1e-3)[0])
     ratios = [c / p for c, p in zip(captured, plain, strict=True)]
+    load_after = os.getloadavg()[0]
     # Agreement: the trained adapter through one more epoch at learning rate 0 with capture (every step
     # sees the same adapter), against a post-hoc collection at that adapter.
     _, model, tokenizer, task, prompt = _train(args, scratch, scratch / "agreement", 0.0, trained)
@@ -132,6 +134,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
         "score_error": float((got - want).abs().max() / want.abs().max()),
         "examples": len(task.train),
         "distinct": len(capture.keys),
+        "load": (load_before, load_after),  # type: ignore[dict-item]
         "blocks": len(collected.blocks),
     }
 
@@ -148,7 +151,9 @@ def report(found: dict[str, float], args: argparse.Namespace, command: str) -> s
             f"{args.lora_dropout}) on {args.train} examples of {args.task} (max length {args.max_length}, "
             f"batch {args.batch_size}, one epoch), with and without `GradientCaptureCallback` capturing "
             f"every step ({found['blocks']} LoRA matrices, unprojected), alternated {args.repeats} times. "
-            f"Command: `{command}`.",
+            f"Command: `{command}`. The machine's 1-minute load average was {found['load'][0]:.1f} when the "  # type: ignore[index]
+            f"timed runs began and {found['load'][1]:.1f} when they ended (above 1, other jobs shared the "  # type: ignore[index]
+            "cores: the paired ratios carry that noise).",
             "",
             "| what | value |",
             "|---|---|",

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from llm_attribution.cli import main as llm_attr
+from llm_attribution.evaluation.statistics import paired_difference
 
 
 def _run(out: Path, task: str, tuning: str, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
@@ -46,6 +47,8 @@ def _run(out: Path, task: str, tuning: str, args: argparse.Namespace) -> dict:  
         "--methods", args.methods,
         "--out", str(out),
     ]  # fmt: skip
+    if args.method_options:
+        argv += ["--method-options", args.method_options]
     if args.quiet:
         argv.append("--quiet")
     code = llm_attr(argv)
@@ -59,6 +62,8 @@ def _run(out: Path, task: str, tuning: str, args: argparse.Namespace) -> dict:  
             "lds", "--run", str(out), "--subsets", str(args.lds_subsets), "--ceiling", "false",
             "--methods", args.methods, "--projection-dim", str(args.projection_dim), "--quiet",
         ]  # fmt: skip
+        if args.method_options:
+            lds_argv += ["--method-options", args.method_options]
         code = llm_attr(lds_argv)
         if code != 0:
             sys.exit(f"llm-attr {' '.join(lds_argv)} failed with status {code}")
@@ -76,6 +81,12 @@ def _lds(record: dict, name: str) -> str:  # type: ignore[type-arg]
     entry = record["losses"]["attributed"]["methods"][name]
     low, high = entry["ci95"]
     return f"{entry['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _per_test(record: dict, name: str) -> list[float]:  # type: ignore[type-arg]
+    return [
+        float("nan") if v is None else v for v in record["losses"]["attributed"]["methods"][name]["per_test"]
+    ]
 
 
 def _lds_pair(got: dict, name: str) -> str:  # type: ignore[type-arg]
@@ -96,6 +107,7 @@ def main() -> None:
     parser.add_argument("--full-lr", type=float, default=2e-5)
     parser.add_argument("--projection-dim", type=int, default=4096)
     parser.add_argument("--methods", default="hessian-free,datainf,exact,repsim")
+    parser.add_argument("--method-options", default="", help="passed to run and lds (e.g. lissa.depth=..)")
     parser.add_argument("--lds-subsets", type=int, default=0, help="LDS with this many subsets (0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
@@ -122,6 +134,12 @@ def main() -> None:
         if got["lora"]["lds"] is not None:
             for name in ("constant", "label-oracle"):
                 lines.append(f"  {name:<14}{_lds_pair(got, name)}")
+            lines.append("  full minus LoRA, paired on the same test examples and subsets [95% interval]:")
+            for method in got["lora"]["methods"]:
+                change = paired_difference(
+                    _per_test(got["full"]["lds"], method), _per_test(got["lora"]["lds"], method)
+                )
+                lines.append(f"  {method:<14}{change.mean:+.3f} [{change.low:+.3f}, {change.high:+.3f}]")
             seconds = [got[t]["lds"]["cost"]["seconds_per_retrain"] for t in ("lora", "full")]
             lines.append(f"  seconds per retrain: LoRA {seconds[0]:.1f}, full {seconds[1]:.1f}")
     print("\n".join(lines))

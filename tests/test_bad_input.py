@@ -318,6 +318,11 @@ CASES = [
         "--captured goes with --adapter",
     ),
     Case(
+        "unknown adapter name in a folder of adapters",
+        lambda t, r: _run(t, "--adapter", _lora_adapter(t / "a"), "--adapter-name", "other"),
+        "no adapter named 'other'",
+    ),
+    Case(
         "--captured folder without a capture",
         lambda t, r: _run(t, "--adapter", _lora_adapter(t / "a"), "--captured", str(t)),
         "holds no gradient capture",
@@ -388,7 +393,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
 
 def test_the_table_covers_every_bad_input_of_the_issue() -> None:
     covered = {c.name for c in CASES}
-    assert len(covered) == len(CASES) == 27
+    assert len(covered) == len(CASES) == 32
 
 
 def _cli_process(

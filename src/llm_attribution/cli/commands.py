@@ -139,11 +139,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     gradients = from_args(GradientSettings, args)
     run = Path(args.out)
     with _removed_on_user_error(run):
-        if args.captured and not args.adapter:
-            raise ConfigError("--captured goes with --adapter: the adapter the capturing script saved")
+        if (args.captured or args.adapter_name) and not args.adapter:
+            given = "--captured" if args.captured else "--adapter-name"
+            raise ConfigError(f"{given} goes with --adapter: the adapter the training script saved")
         if args.adapter:
             captured = Path(args.captured) if args.captured else None
-            loaded_run = run_with_adapter(config, run, Path(args.adapter), captured)
+            loaded_run = run_with_adapter(config, run, Path(args.adapter), captured, args.adapter_name)
         else:
             report = finetune_run(config, run, show=args.show)
             _print_finetune(report)

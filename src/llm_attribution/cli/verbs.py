@@ -122,6 +122,15 @@ VERBS: tuple[Verb, ...] = (
                 },
             ),
             Argument(
+                ("--adapter-name",),
+                {
+                    "default": None,
+                    "metavar": "NAME",
+                    "help": "with --adapter: the adapter of this name in a folder peft saved several "
+                    "adapters into (its subfolder NAME; default: the folder's own adapter)",
+                },
+            ),
+            Argument(
                 ("--captured",),
                 {
                     "default": None,

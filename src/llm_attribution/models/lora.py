@@ -19,10 +19,13 @@ from .settings import LoraSettings
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file peft saves an adapter's weights in
 SUPPORTED_ADAPTERS = (
-    "peft LoRA adapters (any target modules and rank, rsLoRA, per-module rank and alpha patterns)"
+    "peft LoRA adapters (any target modules and rank, rsLoRA, per-module rank and alpha patterns, "
+    "modules_to_save, one of several adapters by name)"
 )
 # What an adapter config records about itself, kept in the run's settings (``adapter.config``).
-RECORDED_CONFIG = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+RECORDED_CONFIG = (
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save"
+)  # fmt: skip
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
@@ -48,8 +51,9 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
 
 
 def adapter_config(adapter: Path) -> dict[str, Any]:
-    """The adapter's peft config, checked to be one whose trained weights are LoRA matrices alone
-    (ModelError in one line otherwise: what it is, and what is supported)."""
+    """The adapter's peft config, checked to be a LoRA adapter whose matrices are plain LoRA (besides
+    whole modules it may save, :func:`untracked_modules`); ModelError in one line otherwise: what it is,
+    and what is supported."""
     path = adapter / "adapter_config.json"
     if not path.is_file():
         raise ModelError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
@@ -63,17 +67,47 @@ def adapter_config(adapter: Path) -> dict[str, Any]:
     if config.get("use_dora"):
         # DoRA also trains a magnitude vector per module, whose gradients no method here attributes.
         raise ModelError(f"{adapter} is a DoRA adapter (use_dora); supported: {SUPPORTED_ADAPTERS}")
-    if config.get("modules_to_save"):
-        raise ModelError(
-            f"{adapter} also trains whole modules (modules_to_save: {', '.join(config['modules_to_save'])}), "
-            f"whose gradients are not attributed yet; supported: {SUPPORTED_ADAPTERS}"
-        )
     return config
+
+
+def adapter_folder(adapter: Path, name: str | None = None) -> Path:
+    """The folder of one adapter: ``adapter`` itself, or with ``name`` the adapter of that name that peft
+    saved beside others (``save_pretrained`` of a model with several adapters writes each but the default
+    one into a subfolder of its name). A folder of several and no name is refused, naming them."""
+    if name is not None and name != "default":
+        chosen = adapter / name
+        if not (chosen / "adapter_config.json").is_file():
+            found = _named_adapters(adapter)
+            raise ModelError(
+                f"{adapter} holds no adapter named {name!r} (it has: {', '.join(found) or 'none by name'})"
+            )
+        return chosen
+    if not (adapter / "adapter_config.json").is_file():
+        found = _named_adapters(adapter)
+        if found:
+            raise ModelError(
+                f"{adapter} holds adapters by name ({', '.join(found)}): pick one with --adapter-name"
+            )
+    return adapter
+
+
+def _named_adapters(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.parent.name for p in folder.glob("*/adapter_config.json"))
+
+
+def untracked_modules(config: dict[str, Any]) -> list[str]:
+    """Modules an adapter trains in whole besides its LoRA matrices (``modules_to_save``): loaded into the
+    model, so the attributed model is the trained one, but their gradients are not attributed."""
+    return list(config.get("modules_to_save") or [])
 
 
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of an adapter config a run records beside the adapter's path and checksum."""
     kept = {key: config.get(key) for key in RECORDED_CONFIG}
+    if not kept["modules_to_save"]:
+        del kept["modules_to_save"]  # recorded only where set: runs of plain adapters keep their settings
     if isinstance(kept["target_modules"], list):
         kept["target_modules"] = sorted(kept["target_modules"])
     return kept

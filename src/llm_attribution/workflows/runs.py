@@ -32,7 +32,15 @@ from ..data.templates import PromptSettings
 from ..features.captured import Capture
 from ..models.finetune import LossCurve, TrainSettings, finetune
 from ..models.generate import generate_answers
-from ..models.lora import adapter_config, adapter_fingerprint, attach_lora, load_adapter, recorded_config
+from ..models.lora import (
+    adapter_config,
+    adapter_fingerprint,
+    adapter_folder,
+    attach_lora,
+    load_adapter,
+    recorded_config,
+    untracked_modules,
+)
 from ..models.resolve import LoadedModel, load_model
 from ..models.settings import LoraSettings, ModelSettings
 from ..models.tuning import FullWeights, TunedWeights, tuned_weights
@@ -220,12 +228,26 @@ def finetune_run(config: FinetuneConfig, run: Path, show: int = 0) -> FinetuneRe
 
 
 def run_with_adapter(
-    config: FinetuneConfig, run: Path, adapter: Path, captured: Path | None = None
+    config: FinetuneConfig,
+    run: Path,
+    adapter: Path,
+    captured: Path | None = None,
+    adapter_name: str | None = None,
 ) -> LoadedRun:
     """Use an existing peft adapter (trained elsewhere) on ``config.model`` instead of fine-tuning; with
-    ``captured``, its training features are those the training script captured (:mod:`.capture`)."""
+    ``captured``, its training features are those the training script captured (:mod:`.capture`);
+    ``adapter_name`` picks one of several adapters saved in one folder."""
     if config.lora.tuning != "lora":
         raise ConfigError("--adapter gives a LoRA adapter; it cannot be combined with --tuning full")
+    adapter = adapter_folder(adapter, adapter_name)
+    whole = untracked_modules(adapter_config(adapter))
+    if whole and distributed.is_main():
+        log.warning(
+            "the adapter also trains whole modules (modules_to_save: %s): they are loaded, so the model "
+            "explained is the trained one, but their gradients are not attributed; scores cover the LoRA "
+            "matrices",
+            ", ".join(whole),
+        )
     with distributed.agree():
         task = load_task(config.data)
         settings = run_settings(config, task, adapter, captured)
