@@ -41,7 +41,7 @@ from llm_attribution.models.settings import ModelSettings
 from llm_attribution.workflows.capture import GradientCaptureCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sections import write_section
+from sections import command_line, write_section
 
 
 def _pad(pad_id: int):  # type: ignore[no-untyped-def]
@@ -188,13 +188,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
     set_quiet(True)
-    defaults = parser.parse_args([])
-    changed = [
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if k != "out" and v != getattr(defaults, k)
-    ]
-    command = " ".join(["python benchmarks/capture.py", *changed])
+    command = command_line("capture.py", parser, args)
     with tempfile.TemporaryDirectory() as scratch:
         found = measure(args, Path(scratch))
     section = report(found, args, command)

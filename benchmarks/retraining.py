@@ -38,7 +38,7 @@ from llm_attribution.workflows.retraining import RetrainJob, read_result, retrai
 from llm_attribution.workflows.runs import open_run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sections import write_section
+from sections import command_line, write_section
 
 
 def _make_run(folder: Path, args: argparse.Namespace) -> None:
@@ -156,13 +156,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
     set_quiet(True)
-    defaults = parser.parse_args([])
-    changed = [
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if k != "out" and v != getattr(defaults, k)
-    ]
-    command = " ".join(["python benchmarks/retraining.py", *changed])
+    command = command_line("retraining.py", parser, args)
     with tempfile.TemporaryDirectory() as scratch:
         found = measure(args, Path(scratch))
     section = report(found, args, command)

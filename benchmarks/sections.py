@@ -3,6 +3,7 @@ so that one script's rerun leaves the others' measurements as they are."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 TITLE = "# Benchmarks\n"
@@ -24,3 +25,15 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that reproduces a run of ``script``: its options that differ from the defaults
+    (``--out`` left out: where the section goes does not change what it says)."""
+    defaults = parser.parse_args([])
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k != "out" and v != getattr(defaults, k)
+    ]
+    return " ".join([f"python benchmarks/{script}", *changed])

@@ -104,6 +104,39 @@ def _trainer_setup(tmp_path: Path, n: int = 12) -> tuple[Path, Path, list[dict[s
     return base, data, rows
 
 
+def _user_model(base: Path):  # type: ignore[no-untyped-def]
+    """The user's peft model: LoRA on all linear layers, dropout 0, B away from zero (every block has a
+    gradient from the first step)."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base)),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _captured_scores_equal_collected(  # type: ignore[no-untyped-def]
+    tmp_path: Path, base: Path, data: Path, capture: Path, methods: list[str], capsys
+) -> None:
+    """`run --adapter --captured` scores every method as `run --adapter` does (collected after training)."""
+    adapter = tmp_path / "adapter"
+    common = ["--task", str(data), "--model", str(base), "--adapter", str(adapter)]
+    common += ["--methods", ",".join(methods), "--quiet"]
+    code, _, err = run_cli(["run", *common, "--captured", str(capture), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["run", *common, "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    for method in methods:
+        got = read_scores(tmp_path / "a" / "scores" / f"{method}.safetensors")
+        want = read_scores(tmp_path / "b" / "scores" / f"{method}.safetensors")
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+
+
 def _train(
     base: Path, data: Path, adapter: Path, callback: GradientCaptureCallback, **arguments: object
 ) -> None:
@@ -125,15 +158,7 @@ def _train(
         mask = torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base)),
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    model = _user_model(base)
     settings = {"per_device_train_batch_size": 4, "num_train_epochs": 2, "learning_rate": 5e-3, **arguments}
     args = TrainingArguments(
         output_dir=str(adapter.parent / "trainer"), report_to=[], save_strategy="no", use_cpu=True,
@@ -156,28 +181,9 @@ def test_a_trainer_capture_scores_as_a_collection_after_training(tmp_path, capsy
         gradient_accumulation_steps=2,
     )
     assert Capture.open(capture).about["examples"] == 12  # the whole last epoch
-    common = [
-        "--task",
-        str(data),
-        "--model",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--methods",
-        "hessian-free,datainf,exact",
-        "--quiet",
-    ]
-    code, _, err = run_cli(
-        ["run", *common, "--captured", str(capture), "--out", str(tmp_path / "captured")], capsys
+    _captured_scores_equal_collected(
+        tmp_path, base, data, capture, ["hessian-free", "datainf", "exact"], capsys
     )
-    assert code == 0, err
-    code, _, err = run_cli(["run", *common, "--out", str(tmp_path / "collected")], capsys)
-    assert code == 0, err
-    for method in ("hessian-free", "datainf", "exact"):
-        got = read_scores(tmp_path / "captured" / "scores" / f"{method}.safetensors")
-        want = read_scores(tmp_path / "collected" / "scores" / f"{method}.safetensors")
-        assert want.abs().max() > 0
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
 
 
 def test_a_trainer_capture_of_chosen_steps_and_its_errors(tmp_path, capsys) -> None:
@@ -219,15 +225,7 @@ def test_a_trl_sft_trainer_capture_scores_as_a_collection_after_training(tmp_pat
     tokenizer = byte_tokenizer()
     task = load_task(DataSettings(task=str(data)))
     tokens = [list(e.input_ids) for e in encode_examples(task.train, tokenizer, PromptSettings())]
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base)),
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    model = _user_model(base)
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=1,
         learning_rate=0.0,
@@ -242,23 +240,4 @@ def test_a_trl_sft_trainer_capture_scores_as_a_collection_after_training(tmp_pat
     trainer.train()
     model.save_pretrained(str(adapter))
     assert Capture.open(capture).about["examples"] == 12
-    common = [
-        "--task",
-        str(data),
-        "--model",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--methods",
-        "hessian-free",
-    ]
-    code, _, err = run_cli(
-        ["run", *common, "--captured", str(capture), "--quiet", "--out", str(tmp_path / "a")], capsys
-    )
-    assert code == 0, err
-    code, _, err = run_cli(["run", *common, "--quiet", "--out", str(tmp_path / "b")], capsys)
-    assert code == 0, err
-    got = read_scores(tmp_path / "a" / "scores" / "hessian-free.safetensors")
-    want = read_scores(tmp_path / "b" / "scores" / "hessian-free.safetensors")
-    assert want.abs().max() > 0
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+    _captured_scores_equal_collected(tmp_path, base, data, capture, ["hessian-free"], capsys)

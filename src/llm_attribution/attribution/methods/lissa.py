@@ -221,10 +221,7 @@ class Lissa(InnerProductMethod):
         With ``M = I - (F + lambda I) / s``, ``h_T = sum_{t <= T} M^t v``, so the result ``h_T / s`` is
         ``f(F) v`` with ``f(mu) = (1 - (1 - (mu + lambda) / s)^(T + 1)) / (mu + lambda)``: in F's
         eigenbasis a scalar per eigenvalue, and ``f(0)`` on the directions outside the training span."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for chunk in train:
-            for name in names:
-                parts[name].append(chunk[name])
+        parts = _rows_by_block(train, names)
         statistics = train.statistics()
         out = {}
         for name in names:
@@ -241,10 +238,7 @@ class Lissa(InnerProductMethod):
         self, train: TrainPasses, test: GradientBlocks, names: list[str], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """The recursion with seeded mini-batches of each block's training rows, gathered in memory."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for chunk in train:
-            for name in names:
-                parts[name].append(chunk[name])
+        parts = _rows_by_block(train, names)
         statistics = train.statistics()
         out = {}
         for name in names:
@@ -298,6 +292,15 @@ class Lissa(InnerProductMethod):
             last_step,
         )
         return out
+
+
+def _rows_by_block(train: TrainPasses, names: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Every block's training rows in one pass, as chunks (``gather_rows`` joins them)."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for chunk in train:
+        for name in names:
+            parts[name].append(chunk[name])
+    return parts
 
 
 def _lissa_function(
