@@ -28,7 +28,7 @@ from .workflows.diagnose import run_features
 from .workflows.explain import ExplainSettings, Explanation
 from .workflows.explain import explain as explain_run
 from .workflows.judge import judge_scores
-from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run
+from .workflows.runs import FinetuneConfig, FinetuneReport, finetune_run, open_run, run_with_adapter
 
 __all__ = [
     "CurvatureSettings",
@@ -40,6 +40,7 @@ __all__ = [
     "ModelSettings",
     "PromptSettings",
     "TrainSettings",
+    "adapter_run",
     "attribute",
     "capture_gradients",
     "collect",
@@ -53,6 +54,22 @@ __all__ = [
 def finetune(config: FinetuneConfig, run: str | Path, show: int = 0) -> FinetuneReport:
     """LoRA fine-tune ``config.model`` on ``config.data`` into the run folder (an adapter per epoch)."""
     return finetune_run(config, Path(run), show=show)
+
+
+def adapter_run(
+    config: FinetuneConfig,
+    run: str | Path,
+    adapter: str | Path,
+    captured: str | Path | None = None,
+    adapter_name: str | None = None,
+) -> Path:
+    """A run folder for a peft adapter trained elsewhere (what ``llm-attr run --adapter`` makes before
+    scoring), with the training gradients a ``GradientCaptureCallback`` or ``capture_gradients`` kept
+    when ``captured`` is given; then :func:`attribute` scores it."""
+    loaded = run_with_adapter(
+        config, Path(run), Path(adapter), Path(captured) if captured else None, adapter_name
+    )
+    return loaded.run
 
 
 def collect(

@@ -184,6 +184,18 @@ def test_a_trainer_capture_scores_as_a_collection_after_training(tmp_path, capsy
     _captured_scores_equal_collected(
         tmp_path, base, data, capture, ["hessian-free", "datainf", "exact"], capsys
     )
+    # the Python API reads the same capture into a run of its own and scores it the same
+    from llm_attribution import api
+
+    config = api.FinetuneConfig(
+        data=api.DataSettings(task=str(data)), model=api.ModelSettings(model=str(base), device="cpu")
+    )
+    run = api.adapter_run(config, tmp_path / "api", adapter, captured=capture)
+    api.attribute(run, ["hessian-free"])
+    torch.testing.assert_close(
+        read_scores(run / "scores" / "hessian-free.safetensors"),
+        read_scores(tmp_path / "a" / "scores" / "hessian-free.safetensors"),
+    )
 
 
 def test_a_trainer_capture_of_chosen_steps_and_its_errors(tmp_path, capsys) -> None:
