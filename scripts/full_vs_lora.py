@@ -123,7 +123,7 @@ def main() -> None:
                 f"  {tuning:<4}: epoch seconds {epochs}; features {result['features_s']:.1f} s; loss {losses}"
             )
         lines.append(f"  {'method':<14}{'acc LoRA':>10}{'acc full':>10}{'cov LoRA':>10}{'cov full':>10}")
-        for method in got["lora"]["methods"]:
+        for method in args.methods.split(","):
             lora, full = got["lora"]["methods"][method], got["full"]["methods"][method]
             lines.append(
                 f"  {method:<14}{lora['accuracy']:>10.3f}{full['accuracy']:>10.3f}"
@@ -135,7 +135,7 @@ def main() -> None:
             for name in ("constant", "label-oracle"):
                 lines.append(f"  {name:<14}{_lds_pair(got, name)}")
             lines.append("  full minus LoRA, paired on the same test examples and subsets [95% interval]:")
-            for method in got["lora"]["methods"]:
+            for method in args.methods.split(","):
                 change = paired_difference(
                     _per_test(got["full"]["lds"], method), _per_test(got["lora"]["lds"], method)
                 )
