@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,11 @@ class GradientCaptureCallback(TrainerCallback):  # type: ignore[misc]
         if self.steps is not None:
             return state.global_step + 1 in self.steps  # the step about to run
         epoch = int(state.epoch or 0) + 1  # the epoch under way, from 1
-        last = int(args.num_train_epochs) if self.epochs is None else None
-        return epoch == last if self.epochs is None else epoch in self.epochs
+        if self.epochs is not None:
+            return epoch in self.epochs
+        # the Trainer's own count (it derives one from max_steps too); a fractional last epoch counts
+        last = math.ceil(getattr(state, "num_train_epochs", 0) or args.num_train_epochs)
+        return epoch == last
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
