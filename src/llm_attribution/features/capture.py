@@ -69,8 +69,8 @@ class _Batch:
     labels: torch.Tensor  # [b, T], shifted as the loss reads them
     counts: torch.Tensor  # [b] labelled tokens per example
     inputs: dict[str, torch.Tensor]  # block -> the module's input in this forward
-    logits: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # [b] alpha_i x n_i, set when the logits' gradient arrives
+    head: torch.Tensor | None = None  # the loss's input: the logits, or a fused head's label log-probs
+    scale: torch.Tensor | None = None  # [b] alpha_i x n_i, set when the head's gradient arrives
     losses: torch.Tensor | None = None  # [b] each example's mean token loss, from the same logits
     pending: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> [b, width] rows formed
 
@@ -80,7 +80,8 @@ class GradientHooks:
     which keep per-example gradient rows of every training pass made while :attr:`active`.
 
     ``projector``: project each block's factors while forming them (LoGra-style), as a post-hoc collection
-    with the same settings does. ``step``: the loop's current optimizer step, recorded with each row.
+    with the same settings does. ``step``: the loop's current optimizer step, recorded with each row
+    (default: the ordinal of the batch, from 1).
     """
 
     def __init__(
@@ -88,13 +89,12 @@ class GradientHooks:
         model: torch.nn.Module,
         modules: dict[str, torch.nn.Linear],
         projector: KroneckerProjector | None = None,
-        step: Callable[[], int] = lambda: 0,
+        step: Callable[[], int] | None = None,
     ) -> None:
         self.rows = CapturedRows()
         self.active = False
-        self.batches_seen = 0  # training forwards recorded
-        self.batches_kept = 0  # of those, the ones whose backward delivered every block's rows
-        self._step = step
+        self.batches_kept = 0  # training passes whose backward delivered every block's rows
+        self._step = step if step is not None else lambda: self.batches_kept + 1
         self._modules = modules
         self._projections = {
             name: projector.block(name, *m.weight.shape)
@@ -149,38 +149,29 @@ class GradientHooks:
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         inputs = {name: pair[0] for name, pair in forward.items()}
         batch = _Batch(keys, shifted, (shifted != IGNORE_INDEX).sum(dim=1), inputs)
-        self.batches_seen += 1
         # The loss's own input gradient arrives first in the backward pass (downstream of every module).
+        read: _ScaleReader
         if getattr(output, "logits", None) is not None:
-            batch.logits = output.logits.detach()
-            output.logits.register_hook(self._on_logits_grad(batch))
+            head, read = output.logits, _loss_scale
         elif getattr(output, "log_probs", None) is not None:  # a fused LM head (TRL): no logits formed
-            batch.logits = output.log_probs.detach()
-            output.log_probs.register_hook(self._on_log_probs_grad(batch))
+            head, read = output.log_probs, _nll_scale
         else:
             raise ConfigError(
                 "gradient capture reads the loss scale from the model's logits (or a fused head's "
                 f"log_probs), and {type(output).__name__} has neither"
             )
+        batch.head = head.detach()
+        head.register_hook(self._on_head_grad(batch, read))
         for name, (_, out) in forward.items():
             out.register_hook(self._on_output_grad(name, batch))
 
     # -- backward
-    def _on_logits_grad(self, batch: _Batch) -> Callable[[torch.Tensor], None]:
+    def _on_head_grad(self, batch: _Batch, read: _ScaleReader) -> Callable[[torch.Tensor], None]:
         def read_scale(grad: torch.Tensor) -> None:
-            assert batch.logits is not None
-            alpha, batch.losses = _loss_scale(grad, batch.logits, batch.labels)
+            assert batch.head is not None
+            alpha, batch.losses = read(grad, batch.head, batch.labels)
             batch.scale = alpha * batch.counts.to(grad.device)
-            batch.logits = None  # the scale is all the rows need from it
-
-        return read_scale
-
-    def _on_log_probs_grad(self, batch: _Batch) -> Callable[[torch.Tensor], None]:
-        def read_scale(grad: torch.Tensor) -> None:
-            assert batch.logits is not None
-            alpha, batch.losses = _nll_scale(grad, batch.logits, batch.labels[:, : grad.shape[1]])
-            batch.scale = alpha * batch.counts.to(grad.device)
-            batch.logits = None
+            batch.head = None  # the scale is all the rows need from it
 
         return read_scale
 
@@ -201,16 +192,22 @@ class GradientHooks:
         return form
 
     def _keep(self, batch: _Batch) -> None:
+        assert batch.losses is not None
         step = self._step()
+        pending = {name: rows.cpu() for name, rows in batch.pending.items()}  # one copy per block
+        losses, counts = batch.losses.tolist(), batch.counts.tolist()
         for i, key in enumerate(batch.keys):
-            if int(batch.counts[i]) == 0:
+            if counts[i] == 0:
                 continue  # no labelled token: no loss, no gradient to attribute
-            self.rows.blocks[key] = {name: rows[i].cpu() for name, rows in batch.pending.items()}
+            self.rows.blocks[key] = {name: rows[i] for name, rows in pending.items()}
             self.rows.steps[key] = step
-            assert batch.losses is not None
-            self.rows.losses[key] = float(batch.losses[i])
+            self.rows.losses[key] = losses[i]
         batch.pending = {}
         self.batches_kept += 1
+
+
+_ScaleReader = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(gradient of the loss's input, that input, shifted labels) -> (alpha per example, mean token loss)."""
 
 
 def _shape(module: torch.nn.Linear) -> tuple[int, int]:
@@ -259,8 +256,10 @@ def _nll_scale(
     grad: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`_loss_scale`, for a fused LM head that hands the loss each label's log-probability: the
-    loss ``-alpha_i sum_t log p_t`` has gradient ``-alpha_i`` at every labelled token (checked)."""
+    loss ``-alpha_i sum_t log p_t`` has gradient ``-alpha_i`` at every labelled token (checked). The fused
+    head scores positions 0 .. T-2 only (the last has no next token), so the labels are cut to its width."""
     with torch.no_grad():
+        labels = labels[:, : grad.shape[1]]
         mask = labels != IGNORE_INDEX
         counts = mask.sum(dim=1).clamp(min=1)
         observed = -grad.float() * mask

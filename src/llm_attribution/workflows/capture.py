@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ from ..models.tuning import lora_modules
 log = logging.getLogger(__name__)
 
 
-def _hooks(model: torch.nn.Module, settings: GradientSettings, step: Any = lambda: 0) -> GradientHooks:
+def _hooks(
+    model: torch.nn.Module, settings: GradientSettings, step: Callable[[], int] | None = None
+) -> GradientHooks:
     modules = lora_modules(model)
     for module in modules.values():
         if not module.weight.requires_grad:
@@ -62,10 +64,9 @@ def capture_gradients(
     """Capture every training pass of ``model`` (a peft LoRA model) made inside the block into ``out``.
 
     The loop must call ``model(input_ids=..., attention_mask=..., labels=...)`` and ``backward()`` on a
-    cross-entropy loss; set ``hooks.step`` is not needed (rows record the order of the batches)."""
+    cross-entropy loss; each row records the ordinal of the batch it came from."""
     settings = GradientSettings() if settings is None else settings
-    counter = {"batch": 0}
-    hooks = _hooks(model, settings, lambda: counter["batch"])
+    hooks = _hooks(model, settings)
     hooks.active = True
     try:
         yield hooks

@@ -84,9 +84,8 @@ class RunFeatures:
         """The store of one split's features (of ``examples``, default: the run's split)."""
         examples = self.examples(split) if examples is None else examples
         fingerprint = split_fingerprint(self.identity, self.prompt, examples, self.gradients)
-        capture = self._capture(split)
-        if capture is not None:  # captured rows never mix with collected ones: a store of their own
-            fingerprint["captured_sha256"] = capture.sha256()
+        if self._capture(split) is not None:  # captured rows never mix with collected ones: a store apart
+            fingerprint["captured_sha256"] = self._capture_sha256
         return FeatureStore(features_dir(self.loaded_run.run), split, fingerprint, shard_size=self.shard_size)
 
     def keys(self) -> dict[str, str]:
@@ -276,7 +275,17 @@ class RunFeatures:
 
     def _capture(self, split: str) -> Capture | None:
         """The gradient capture the run's training features come from (``--captured``), if any."""
-        if split != "train" or self.loaded_run.captured is None:
+        return self._opened_capture if split == "train" else None
+
+    @functools.cached_property
+    def _capture_sha256(self) -> str:
+        assert self._opened_capture is not None
+        return self._opened_capture.sha256()
+
+    @functools.cached_property
+    def _opened_capture(self) -> Capture | None:
+        # Opened, checked and hashed once: store() and the collector both ask, and a capture is large.
+        if self.loaded_run.captured is None:
             return None
         capture = Capture.open(self.loaded_run.captured)
         if capture.projection != self.gradients.fingerprint():

@@ -166,16 +166,29 @@ def _tests(
 def _row_trust(reading: dict[str, Any], lds: dict[str, Any] | None, row: int, rows: int) -> dict[str, Any]:
     """One row's verdict from a trust reading (``results.json``'s per test example, a trace's per kept
     answer), with the row's measured LDS where the run has one for each of its ``rows``."""
-    found = {
-        "verdict": reading["verdicts"][row],
-        "predicted_lds": _number(reading["predicted_lds"][row]),
-        "agreement": _number(reading["agreement"][row]),
-        "margin": _number(reading["margin"][row]),
-        "calibrated": reading["calibrated"],
-    }
+    found = _trust_entry(
+        reading["verdicts"][row],
+        reading["predicted_lds"][row],
+        reading["agreement"][row],
+        reading["margin"][row],
+        reading["calibrated"],
+    )
     if lds is not None and len(lds["per_test"]) == rows:
         found["measured_lds"] = _number(lds["per_test"][row])
     return found
+
+
+def _trust_entry(
+    verdict: str, predicted: float | None, agreement: float | None, margin: float | None, calibrated: bool
+) -> dict[str, Any]:
+    """One verdict and its signals as the page shows them."""
+    return {
+        "verdict": verdict,
+        "predicted_lds": _number(predicted),
+        "agreement": _number(agreement),
+        "margin": _number(margin),
+        "calibrated": calibrated,
+    }
 
 
 def _traces(run: Path, top: int, collected: _Collected) -> list[dict[str, Any]]:
@@ -222,13 +235,13 @@ def _explanations(run: Path, top: int, collected: _Collected) -> list[dict[str, 
                 "response": collected.text(record["response"]),
                 "top": {name: collected.by_id(rows, top) for name, rows in record["methods"].items()},
                 "trust": {
-                    name: {
-                        "verdict": found["verdict"],
-                        "predicted_lds": _number(found["predicted_lds"]),
-                        "agreement": _number(found["agreement"]),
-                        "margin": _number(found["margin"]),
-                        "calibrated": found.get("calibrated", True),
-                    }
+                    name: _trust_entry(
+                        found["verdict"],
+                        found["predicted_lds"],
+                        found["agreement"],
+                        found["margin"],
+                        found.get("calibrated", True),
+                    )
                     for name, found in record.get("trust", {}).items()
                 },
             }
