@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llm_attribution.evaluation.grid import per_class_markdown
+from llm_attribution.evaluation.grid import paired_markdown, per_class_markdown
 from llm_attribution.evaluation.statistics import wilson_interval
 from llm_attribution.features import store as store_module
 from llm_attribution.workflows import runs as pipeline_module
@@ -133,3 +133,32 @@ def test_per_class_markdown_has_a_row_per_class_and_a_column_per_method() -> Non
     assert lines[2] == "| class | hessian-free | repsim |"
     assert lines[4] == "| clean | 0.50 / 0.25 | 0.12 / 0.50 |"
     assert lines[5] == "| trigger | 1.00 / 0.75 | 0.00 / 0.00 |"
+
+
+def _judged(coverage: float, notes: dict[str, object] | None = None) -> dict[str, object]:
+    entry: dict[str, object] = {"coverage": {"mean": coverage}}
+    if notes:
+        entry["notes"] = notes
+    return entry
+
+
+def test_paired_table_compares_against_the_best_label_blind_method() -> None:
+    # knn-shapley reads the labels, so it leads coverage by construction; the table's best is the best
+    # of the others, and knn-shapley appears as one of the rows compared against it.
+    pairs = [
+        {"a": a, "b": b, "metric": "coverage", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "resolved": True}
+        for a, b in (("knn-shapley", "ekfac"), ("knn-shapley", "repsim"), ("ekfac", "repsim"))
+    ]
+    record = {
+        "tasks": {
+            "grammars": {
+                "knn-shapley": _judged(1.0, {"uses_labels": True}),
+                "ekfac": _judged(0.9),
+                "repsim": _judged(0.5),
+            }
+        },
+        "paired": {"grammars": pairs},
+    }
+    rows = paired_markdown(record).splitlines()[2:]
+    assert [row.split(" | ")[1:3] for row in rows] == [["ekfac", "knn-shapley"], ["ekfac", "repsim"]]
+    assert rows[0].split(" | ")[3].startswith("-0.100")  # ekfac minus knn-shapley: the sign turned

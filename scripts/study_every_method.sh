@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The study's grid on the embedded model with every method the tool has (issue 15), in the settings of
+# docs/results/study-embedded.md: 7 tasks x seeds 0,1,2, at most 300 training / 100 test examples, max
+# length 64, 3 epochs. Two single-threaded streams share the tasks (one per core of a 2-core machine);
+# each cell is an ordinary run, reused when rerun, so a killed grid resumes with its next unfinished cell.
+# The last step judges every complete cell into OUT/study.json and prints the table.
+#
+#   bash scripts/study_every_method.sh OUT
+#
+# MAGIC is left out: one replay of the whole fine-tuning run per test example (155 s for 26 steps on
+# 2 cores, docs/results/ground-truth-embedded.md) is about 2 hours per 300-example cell's 100 test examples.
+set -euo pipefail
+out=${1:?usage: scripts/study_every_method.sh OUT}
+bin=${BIN:-.venv/bin}
+methods=${METHODS:-hessian-free,grad-cosine,datainf,lissa,lissa-study,exact,eshampoo,kfac,ekfac,astra,tracin,less,trackstar,repsim,rept,knn-shapley,bm25}
+common=(--seeds 0,1,2 --data-root "${SHARED:-../shared}/data/paper-datasets" --model embedded --epochs 3
+    --max-length 64 --train-limit 300 --test-limit 100 --methods "$methods" --out "$out")
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+mkdir -p "$out"
+"$bin/llm-attr" study --tasks "${STREAM_A:-grammars,math,backdoor,mixedS}" "${common[@]}" --quiet >"$out/stream-a.log" 2>&1 &
+a=$!
+"$bin/llm-attr" study --tasks "${STREAM_B:-emotion,multibackdoor,mixedM}" "${common[@]}" --quiet >"$out/stream-b.log" 2>&1 &
+b=$!
+wait "$a"
+wait "$b"
+"$bin/llm-attr" study --judge-only --tasks mixedS,mixedM,emotion,grammars,math,backdoor,multibackdoor "${common[@]}"
