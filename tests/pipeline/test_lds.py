@@ -17,6 +17,7 @@ import torch
 
 from llm_attribution.evaluation.lds import difference_in_means, lds_per_test, subset_masks
 from llm_attribution.workflows.layout import LDS_FILE, lds_dir, lds_subset_file
+from llm_attribution.workflows.lds import lds_lines
 from llm_attribution.workflows.retraining import read_result
 from tests.helpers import run_cli, tiny_run_args
 
@@ -65,6 +66,16 @@ def test_lds_table_has_every_method_control_and_the_ceiling(measured: tuple[Path
     assert len(table["noise_ceiling"]["per_test"]) == 6
     assert record["subset_size"] == 8 and record["seeds"] == [0, 1]
     assert not (lds_dir(run) / "work").exists()  # training states are removed when retrains are done
+    assert set(record["method_settings"]) == {"hessian-free", "exact"}  # which variant each LDS is of
+    assert record["method_settings"]["exact"]["damping_scale"] == 0.1
+
+
+def test_the_printed_table_says_what_an_unconverged_method_computed(measured: tuple[Path, dict]) -> None:
+    _, record = measured
+    notes = {"depth": 1000, "converged": False, "blocks_not_converged": 3, "blocks": 4, "steps_needed": 9}
+    lines = lds_lines(record | {"method_notes": {"exact": notes}})
+    assert "  exact = exact (depth 1000, not converged on 3 of 4 blocks)" in lines
+    assert not any(" = " in line for line in lds_lines(record))  # neither of these two has notes
 
 
 def test_the_measured_effect_predicts_the_losses_and_random_scores_do_not(

@@ -28,6 +28,7 @@ from ..core.errors import ConfigError, RunError
 from ..core.settings import option, require, require_positive, to_dict
 from ..core.storage import read_json, write_json_atomic
 from ..core.versions import package_versions
+from ..evaluation.grid import noted_name
 from ..evaluation.lds import (
     LdsSummary,
     label_oracle_scores,
@@ -185,6 +186,14 @@ def run_lds(
         "seeds": seeds,
         "settings": to_dict(settings),
         "methods": list(attribute.methods),
+        # What each score matrix is (LiSSA's depth and whether it converged, say): a record that only
+        # named the method would not say which of its variants the LDS belongs to.
+        "method_settings": {name: record["methods"][name].get("settings") for name in attribute.methods},
+        "method_notes": {
+            name: record["methods"][name]["notes"]
+            for name in attribute.methods
+            if record["methods"][name].get("notes")
+        },
         "controls": list(CONTROLS),
         "losses": table,
         "cost": {
@@ -307,6 +316,10 @@ def lds_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"{name:<16} {cell(row[0])}  {cell(row[1])}")
     ceiling = [record["losses"][kind]["noise_ceiling"] for kind in LOSSES]
     lines.append(f"{'noise ceiling':<16} {cell(ceiling[0])}  {cell(ceiling[1])}")
+    for name, notes in record.get("method_notes", {}).items():  # absent from records made before it
+        noted = noted_name(name, notes)
+        if noted != name:
+            lines.append(f"  {name} = {noted}")
     references = record["losses"]["attributed"].get("curvature_references", {})
     for kind, entry in references.items():
         state = "converged" if all(entry["converged"]) else "NOT converged"
