@@ -122,6 +122,31 @@ def test_killed_lds_resumes_to_identical_numbers(
     assert _numbers(json.loads(again.stdout)) == _numbers(measured[1])
 
 
+def test_scoring_one_more_method_keeps_the_others_in_the_record(
+    measured: tuple[Path, dict], tmp_path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(measured[0], run)  # its retrains are done: this call only scores
+    code, out, err = run_cli(
+        ["lds", "--run", str(run), *LDS_ARGS[:2], "--methods", "exact", "--json"], capsys
+    )
+    assert code == 0, err
+    record, before = json.loads(out), measured[1]
+    assert record["methods"] == ["hessian-free", "exact"]  # kept from the earlier call, in its order
+    for kind in ("attributed", "response"):
+        assert (
+            record["losses"][kind]["methods"]["hessian-free"]
+            == before["losses"][kind]["methods"]["hessian-free"]
+        )
+    assert record["method_settings"] == before["method_settings"]
+    assert json.loads((lds_dir(run) / LDS_FILE).read_text())["methods"] == ["hessian-free", "exact"]
+    # 3 of the subsets without the ceiling: other retrains' LDS, so nothing is carried over
+    args = ["lds", "--run", str(run), "--subsets", "3", "--methods", "exact", "--ceiling", "false", "--json"]
+    code, out, err = run_cli([*args, "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["methods"] == ["exact"]
+
+
 def test_two_workers_give_the_numbers_of_one(
     tiny_run: Path, measured: tuple[Path, dict], tmp_path, capsys
 ) -> None:

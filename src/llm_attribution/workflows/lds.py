@@ -205,8 +205,40 @@ def run_lds(
         },
         "versions": package_versions(),
     }
-    distributed.on_main(write_json_atomic, lds_dir(run) / LDS_FILE, out)
+    path = lds_dir(run) / LDS_FILE
+    if path.is_file():
+        carry_methods(read_json(path), out)
+    distributed.on_main(write_json_atomic, path, out)
     return out
+
+
+def carry_methods(previous: dict[str, Any], record: dict[str, Any]) -> None:
+    """Keep in ``record`` the methods an earlier ``lds`` call scored on the same retrains and this one did
+    not, in their earlier order (this call's new methods after them), so that scoring one more method
+    does not drop the table's others. A record of other subsets, seeds or test examples is not mixed in:
+    its LDS would be of other retrains. Each kept method keeps its own settings and notes."""
+    same = ("settings", "seeds", "subsets", "subset_size", "n_train", "n_test", "task")
+    if any(previous.get(key) != record[key] for key in same):
+        return
+    current = list(record["methods"])
+    kept = [name for name in previous.get("methods", []) if name not in current]
+    if not kept:
+        return
+    for name in kept:
+        for kind in LOSSES:
+            entry = previous["losses"].get(kind, {}).get("methods", {}).get(name)
+            if entry is None:
+                return  # an older record without this loss: leave it out rather than half-carry it
+    record["methods"] = [
+        *[name for name in previous["methods"] if name in kept or name in current],
+        *[name for name in current if name not in previous["methods"]],
+    ]
+    for name in kept:
+        for kind in LOSSES:
+            record["losses"][kind]["methods"][name] = previous["losses"][kind]["methods"][name]
+        for key in ("method_settings", "method_notes"):
+            if name in previous.get(key, {}):
+                record.setdefault(key, {})[name] = previous[key][name]
 
 
 @dataclass(frozen=True)
