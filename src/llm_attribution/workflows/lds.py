@@ -220,19 +220,12 @@ def carry_methods(previous: dict[str, Any], record: dict[str, Any]) -> None:
     same = ("settings", "seeds", "subsets", "subset_size", "n_train", "n_test", "task")
     if any(previous.get(key) != record[key] for key in same):
         return
-    current = list(record["methods"])
-    kept = [name for name in previous.get("methods", []) if name not in current]
-    if not kept:
-        return
-    for name in kept:
-        for kind in LOSSES:
-            entry = previous["losses"].get(kind, {}).get("methods", {}).get(name)
-            if entry is None:
-                return  # an older record without this loss: leave it out rather than half-carry it
-    record["methods"] = [
-        *[name for name in previous["methods"] if name in kept or name in current],
-        *[name for name in current if name not in previous["methods"]],
-    ]
+    earlier, current = list(previous.get("methods", [])), list(record["methods"])
+    kept = [name for name in earlier if name not in current]
+    tables = [previous["losses"].get(kind, {}).get("methods", {}) for kind in LOSSES]
+    if not kept or any(name not in table for name in kept for table in tables):
+        return  # nothing to keep, or an older record without one of the losses: not half-carried
+    record["methods"] = [*earlier, *[name for name in current if name not in earlier]]
     for name in kept:
         for kind in LOSSES:
             record["losses"][kind]["methods"][name] = previous["losses"][kind]["methods"][name]
