@@ -5,22 +5,45 @@
 # each cell is an ordinary run, reused when rerun, so a killed grid resumes with its next unfinished cell.
 # The last step judges every complete cell into OUT/study.json and prints the table.
 #
-#   bash scripts/study_every_method.sh OUT
+#   bash scripts/study_every_method.sh OUT [KEEP]
+#
+# The grid is longer than one session on 2 cores, and run folders do not outlive a machine. Every finished
+# cell keeps its judged record, OUT/<task>/seed-<s>/cell.json (per-test metrics of every method, a few
+# hundred kB): KEEP (a folder in the repository) receives those records, and the next start copies them
+# back, so cells finished in an earlier session count as done. `llm-attr study --judge-only --out KEEP`
+# with the options below judges the kept cells alone, to the numbers their scores give.
 #
 # MAGIC is left out: one replay of the whole fine-tuning run per test example (155 s for 26 steps on
 # 2 cores, docs/results/ground-truth-embedded.md) is about 2 hours per 300-example cell's 100 test examples.
 set -euo pipefail
-out=${1:?usage: scripts/study_every_method.sh OUT}
+out=${1:?usage: scripts/study_every_method.sh OUT [KEEP]}
+keep=${2:-}
 bin=${BIN:-.venv/bin}
 methods=${METHODS:-hessian-free,grad-cosine,datainf,lissa,lissa-study,exact,eshampoo,kfac,ekfac,astra,tracin,less,trackstar,repsim,rept,knn-shapley,bm25}
 common=(--seeds 0,1,2 --data-root "${SHARED:-../shared}/data/paper-datasets" --model embedded --epochs 3
     --max-length 64 --train-limit 300 --test-limit 100 --methods "$methods" --out "$out")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$out"
+# cell.json files only, in their <task>/seed-<s> folders; the newer copy wins
+sync_cells() {
+    local from=$1 to=$2 cell
+    while IFS= read -r -d '' cell; do
+        mkdir -p "$to/$(dirname "$cell")" && cp -pu "$from/$cell" "$to/$cell"
+    done < <(cd "$from" && find . -name cell.json -print0)
+}
+if [ -n "$keep" ] && [ -d "$keep" ]; then sync_cells "$keep" "$out"; fi
 "$bin/llm-attr" study --tasks "${STREAM_A:-grammars,math,backdoor,mixedS}" "${common[@]}" --quiet >"$out/stream-a.log" 2>&1 &
 a=$!
 "$bin/llm-attr" study --tasks "${STREAM_B:-emotion,multibackdoor,mixedM}" "${common[@]}" --quiet >"$out/stream-b.log" 2>&1 &
 b=$!
-wait "$a"
-wait "$b"
+# a cell's record is kept as soon as it exists, so a session stopped mid-grid loses only unfinished cells
+if [ -n "$keep" ]; then
+    mkdir -p "$keep"
+    while kill -0 "$a" 2>/dev/null || kill -0 "$b" 2>/dev/null; do sync_cells "$out" "$keep"; sleep 60; done &
+fi
+failed=0
+wait "$a" || failed=1
+wait "$b" || failed=1
+[ -z "$keep" ] || sync_cells "$out" "$keep"
 "$bin/llm-attr" study --judge-only --tasks mixedS,mixedM,emotion,grammars,math,backdoor,multibackdoor "${common[@]}"
+[ "$failed" = 0 ] || { echo "a stream failed: see $out/stream-*.log" >&2; exit 1; }

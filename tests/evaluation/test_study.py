@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -109,6 +110,32 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
     assert judged["missing_cells"] == ["grammars/seed-5", "backdoor/seed-5"]
     assert judged["tasks"] == record["tasks"]
     assert "not yet run" in stdout
+
+    # The cells' kept records alone (no scores, no adapters: a grid finished over several sessions) judge
+    # to the same numbers; a record made with other settings is refused in one line.
+    elsewhere = tmp_path / "kept"
+    for cell in out.glob("*/seed-*/cell.json"):
+        target = elsewhere / cell.relative_to(out)
+        target.parent.mkdir(parents=True)
+        shutil.copy(cell, target)
+    code, stdout, err = run_cli([*ARGS, "--judge-only", "--out", str(elsewhere)], capsys)
+    assert code == 0, err
+    kept = json.loads((elsewhere / "study.json").read_text())
+    assert kept["missing_cells"] == [] and kept["tasks"] == record["tasks"]
+    assert kept["paired"] == record["paired"]
+    code, _, err = run_cli([*ARGS, "--epochs", "2", "--judge-only", "--out", str(elsewhere)], capsys)
+    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+    # Without --judge-only the kept records count as done cells: nothing is trained or collected again.
+    calls.clear()
+    code, _, err = run_cli([*ARGS, "--out", str(elsewhere)], capsys)
+    assert code == 0, err
+    assert calls == [] and json.loads((elsewhere / "study.json").read_text())["tasks"] == record["tasks"]
+    # A method a record does not hold leaves its cell out, named as missing.
+    code, _, err = run_cli(
+        [*ARGS, "--methods", "hessian-free,exact", "--judge-only", "--out", str(elsewhere)], capsys
+    )
+    assert code == 0, err
+    assert len(json.loads((elsewhere / "study.json").read_text())["missing_cells"]) == 4
 
 
 def test_per_class_markdown_has_a_row_per_class_and_a_column_per_method() -> None:

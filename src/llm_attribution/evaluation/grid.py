@@ -39,31 +39,78 @@ class SeedScores:
     test_labels: Sequence[str]
 
 
+@dataclass(frozen=True)
+class CellMetrics:
+    """One method's per-test metrics in one fine-tuning seed's run: everything the grid's judgement needs
+    of that cell, small enough to keep where the score matrices are not (a grid run over several
+    sessions or machines keeps these and judges them together)."""
+
+    values: Mapping[str, np.ndarray]  # metric of METRICS -> one value per test example (NaN: undefined)
+    test_labels: tuple[str, ...]
+    coverage_k: int
+    coverage_cap: float  # the mean over test examples of the highest coverage any ranking can reach
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON keeps float64 exactly, so a cell judged from this record equals one judged from its scores
+        return {
+            "values": {
+                name: [None if np.isnan(x) else float(x) for x in self.values[name]] for name in METRICS
+            },
+            "test_labels": list(self.test_labels),
+            "coverage_k": self.coverage_k,
+            "coverage_cap": self.coverage_cap,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CellMetrics:
+        return cls(
+            values={
+                name: np.asarray([np.nan if x is None else x for x in data["values"][name]], dtype=np.float64)
+                for name in METRICS
+            },
+            test_labels=tuple(data["test_labels"]),
+            coverage_k=int(data["coverage_k"]),
+            coverage_cap=float(data["coverage_cap"]),
+        )
+
+
+def cell_metrics(seed: SeedScores) -> CellMetrics:
+    """Every metric of :data:`METRICS` per test example, for one method's scores in one seed's run."""
+    ranking = ranking_metrics(seed.scores, seed.train_labels, seed.test_labels, precision_ks=(10,))
+    caps = coverage_caps(seed.train_labels, seed.test_labels, ranking.k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(caps > 0, ranking.coverage / caps, np.nan)
+    values = {
+        "accuracy": ranking.hit.astype(float),
+        "coverage": ranking.coverage,
+        "coverage_normalised": normalised,
+        "auc": ranking.auc,
+        "average_precision": ranking.average_precision,
+        "reciprocal_rank": ranking.reciprocal_rank,
+        "precision_at_10": ranking.precision_at[10],
+    }
+    return CellMetrics(
+        {name: np.asarray(values[name], dtype=np.float64) for name in METRICS},
+        tuple(seed.test_labels),
+        int(ranking.k),
+        float(caps.mean()),
+    )
+
+
 def judge_method(seeds: Sequence[SeedScores]) -> dict[str, Any]:
     """Per metric: the mean over test examples of the per-test value averaged over seeds, its interval,
     the seed spread and per-class means."""
-    per_seed: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
-    for seed in seeds:
-        ranking = ranking_metrics(seed.scores, seed.train_labels, seed.test_labels, precision_ks=(10,))
-        caps = coverage_caps(seed.train_labels, seed.test_labels, ranking.k)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            normalised = np.where(caps > 0, ranking.coverage / caps, np.nan)
-        values = {
-            "accuracy": ranking.hit.astype(float),
-            "coverage": ranking.coverage,
-            "coverage_normalised": normalised,
-            "auc": ranking.auc,
-            "average_precision": ranking.average_precision,
-            "reciprocal_rank": ranking.reciprocal_rank,
-            "precision_at_10": ranking.precision_at[10],
-        }
-        for name in METRICS:
-            per_seed[name].append(values[name])
-    test_labels = seeds[-1].test_labels if seeds else []
+    return judge_cells([cell_metrics(seed) for seed in seeds])
+
+
+def judge_cells(cells: Sequence[CellMetrics]) -> dict[str, Any]:
+    """:func:`judge_method` from each seed's per-test metrics instead of its scores."""
+    per_seed = {name: [cell.values[name] for cell in cells] for name in METRICS}
+    test_labels = cells[-1].test_labels if cells else ()
     judged = {name: _metric_summary(per_seed[name], test_labels) for name in METRICS}
-    if seeds:
-        judged["coverage"]["k"] = ranking.k
-        judged["coverage"]["cap"] = float(caps.mean())  # the last seed's: every seed has the same split
+    if cells:
+        judged["coverage"]["k"] = cells[-1].coverage_k
+        judged["coverage"]["cap"] = cells[-1].coverage_cap  # every seed has the same split
         _widen_to_wilson(judged["accuracy"])
     return judged
 

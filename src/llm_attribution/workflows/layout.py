@@ -49,6 +49,7 @@ DIAGNOSTICS_DIR = "diagnostics"
 CURVATURE_DIR = "curvature"
 CURVATURE_FILE = "curvature.json"
 STUDY_FILE = "study.json"
+CELL_FILE = "cell.json"  # a study cell's per-test metrics, judged without its scores (study_cells)
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 LDS_DIR = "lds"

@@ -3,7 +3,9 @@
 Each (task, seed) is an ordinary run folder ``OUT/<task>/seed-<s>``, so everything a run reuses (adapters,
 features) is reused here: rerunning the same command continues where it stopped, and adding a method
 re-scores without retraining. The grid is then judged per test example, so every figure comes with a 95%
-bootstrap interval over test examples, the spread over seeds, and a per-class breakdown.
+bootstrap interval over test examples, the spread over seeds, and a per-class breakdown. Each finished
+cell also keeps its judged record (``cell.json``, :mod:`.study_cells`), so that ``--judge-only`` can judge a
+grid whose cells were run on other machines or in other sessions from those records alone.
 Scores: HIGHER = the training example supports the test output more.
 """
 
@@ -20,12 +22,13 @@ from ..core.settings import option, require, to_dict
 from ..core.storage import write_json_atomic
 from ..core.versions import package_versions
 from ..data.loaders import load_task
-from ..evaluation.grid import SeedScores, judge_method, paired_differences
+from ..evaluation.grid import judge_cells, paired_differences
 from ..features.gradients import GradientSettings
 from ..scoring.store import ScoreStore
 from .attribute import AttributeSettings, attribute_run
 from .layout import RESULTS_FILE, STUDY_FILE, scores_dir, study_cell
 from .runs import FinetuneConfig, finetune_run, select_epoch
+from .study_cells import JudgedCell, cell_from_scores, comparable_settings, read_cell, write_cell
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +70,40 @@ def run_study(
     """Run (or resume) every (task, seed) cell, then judge every method; writes ``OUT/study.json``.
 
     ``judge_only`` runs nothing: it judges the cells that are already complete (a grid still running, or
-    one stopped part-way) and lists the missing ones in the record.
+    one stopped part-way) and lists the missing ones in the record. A cell without its scores but with a
+    kept record (``cell.json``) of every method, made with the same settings, is complete: it is judged
+    from that record and not run again.
     """
-    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    cells: dict[str, dict[int, JudgedCell]] = {}
     missing = []
+    kept_settings = comparable_settings(base.to_dict(), attribute.method_options)
     for task in study.tasks:
         data = dataclasses.replace(base.data, task=resolve_task(task, study.data_root))
         cells[task] = {}
         for seed in study.seeds:
             run = study_cell(out, task, seed)
-            if judge_only:
-                if not _complete(run, attribute.methods):
+            config = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, seed=seed))
+            if not _complete(run, attribute.methods):
+                # no scores here: the cell's kept record, if it holds every method (a cell run elsewhere
+                # or in an earlier session), counts as done
+                kept = read_cell(run, attribute.methods, kept_settings)
+                if kept is not None:
+                    cells[task][seed] = kept
+                    continue
+                if judge_only:
                     missing.append(f"{task}/seed-{seed}")
                     continue
+            if judge_only:
                 task_data = load_task(data)
             else:
-                config = dataclasses.replace(
-                    base, data=data, train=dataclasses.replace(base.train, seed=seed)
-                )
                 log.info("study: %s, seed %d -> %s", task, seed, run)
                 report = finetune_run(config, run)
                 loaded_run = select_epoch(report.loaded_run, attribute.epoch)
                 attribute_run(loaded_run, attribute, config.prompt, gradients, config.model)
                 task_data = loaded_run.task
-            cells[task][seed] = {
-                "run": run,
-                "labels": ([e.label for e in task_data.train], [e.label for e in task_data.test]),
-            }
+            labels = ([e.label for e in task_data.train], [e.label for e in task_data.test])
+            cells[task][seed] = cell_from_scores(run, labels, attribute.methods)
+            distributed.on_main(write_cell, run, cells[task][seed], task, seed, kept_settings)
     judged = {task: judge_task(cells[task], attribute.methods) for task in study.tasks if cells[task]}
     record = {
         "convention": "higher score = the training example supports the test output more",
@@ -112,20 +122,14 @@ def _complete(run: Path, methods: Sequence[str]) -> bool:
     return all(store.path(m).is_file() for m in methods) and (run / RESULTS_FILE).is_file()
 
 
-def judge_task(seeds: dict[int, dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per method, the grid's judgement (:func:`~llm_attribution.evaluation.grid.judge_method`) of its
-    scores in every seed's run (``{seed: {"run": folder, "labels": (train, test)}}``)."""
+def judge_task(seeds: dict[int, JudgedCell], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method, the grid's judgement (:func:`~llm_attribution.evaluation.grid.judge_cells`) of its
+    per-test metrics in every seed's cell."""
     judged = {}
+    cells = list(seeds.values())
     for method in methods:
-        cells = list(seeds.values())
-        stores = [ScoreStore(scores_dir(cell["run"])) for cell in cells]
-        judged[method] = judge_method(
-            [
-                SeedScores(store.read(method), *cell["labels"])
-                for store, cell in zip(stores, cells, strict=True)
-            ]
-        )
-        notes = stores[0].notes(method) if stores else {}
+        judged[method] = judge_cells([cell.metrics[method] for cell in cells])
+        notes = cells[0].notes[method] if cells else {}
         if notes:  # e.g. LiSSA's depth and convergence (the first seed's: every seed has the same settings)
             judged[method]["notes"] = notes
     return judged

@@ -32,6 +32,7 @@ from ..layout import (
     scores_dir,
 )
 from ..study import judge_task
+from ..study_cells import cell_from_scores
 from .explanations import explanations_section
 from .explorer import explorer_data, explorer_html
 from .figures import grid_figure, lines_figure, panels_figure, spectrum_figure
@@ -93,7 +94,7 @@ def build_report(
         _config, task = run_task(folder)
         methods = list(read_json(folder / RESULTS_FILE)["methods"])
         labels = ([e.label for e in task.train], [e.label for e in task.test])
-        judged = judge_task({0: {"run": folder, "labels": labels}}, methods)
+        judged = judge_task({0: cell_from_scores(folder, labels, methods)}, methods)
         record = {"tasks": {task.name: judged}, "paired": {task.name: paired_differences(judged)}}
     else:
         raise RunError(
