@@ -69,6 +69,14 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
             coverage = cell["coverage"]
             assert 0 < coverage["cap"] <= 1 and coverage["mean"] <= coverage["cap"] + 1e-9
             assert cell["coverage_normalised"]["mean"] >= coverage["mean"] - 1e-9
+            # The cost column: the mean over seeds of the seconds each cell's run recorded for the method.
+            timed = [
+                json.loads((out / task / f"seed-{s}" / "results.json").read_text())["methods"][method][
+                    "seconds"
+                ]
+                for s in (0, 1)
+            ]
+            assert cell["seconds"] == {"mean": pytest.approx(sum(timed) / 2), "n": 2}
         # Every pair of methods, on both metrics, with a paired interval around its mean difference.
         pairs = record["paired"][task]
         assert len(pairs) == 3 * 2
@@ -82,7 +90,7 @@ def test_study_grid_statistics_and_resume(tmp_path, capsys, monkeypatch) -> None
             assert kept["accuracy"][0] <= run["methods"][method]["accuracy"] <= kept["accuracy"][1]
             assert kept["coverage_k"] == run["methods"][method]["k"]
         assert len(run["paired"]) == 3 * 2
-    assert "| backdoor | repsim |" in stdout
+    assert "| backdoor | repsim |" in stdout and "| s per cell |" in stdout
     assert "| best by coverage | minus |" in stdout
 
     # Rerunning the same command trains nothing and collects no feature again.

@@ -239,11 +239,12 @@ def noted_name(name: str, notes: Mapping[str, Any] | None) -> str:
 
 def study_markdown(record: dict[str, Any]) -> str:
     """The grid as a Markdown table: mean [95% CI over seeds and test examples], coverage's cap and the
-    coverage it reaches of its cap, and the seed standard deviation."""
+    coverage it reaches of its cap, the seed standard deviation, and the mean seconds a method's scoring
+    took per cell (features excluded: the methods share them)."""
     lines = [
         "| task | method | accuracy [95% CI] | coverage [95% CI] | coverage cap | coverage / cap | AUC | "
-        "AUPRC | MRR | P@10 | seed sd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "AUPRC | MRR | P@10 | seed sd | s per cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, methods in record["tasks"].items():
         for method, m in methods.items():
@@ -258,9 +259,14 @@ def study_markdown(record: dict[str, Any]) -> str:
                 f"{m['auc']['mean']:.3f} | "
                 f"{m['average_precision']['mean']:.3f} | {m['reciprocal_rank']['mean']:.3f} | "
                 f"{m['precision_at_10']['mean']:.3f} | {acc['seeds']['std']:.3f}/{cov['seeds']['std']:.3f} "
-                f"(n={int(acc['seeds']['n'])}) |"
+                f"(n={int(acc['seeds']['n'])}) | {_seconds(m)} |"
             )
     return "\n".join(lines)
+
+
+def _seconds(judged: Mapping[str, Any]) -> str:
+    seconds = judged.get("seconds")  # absent from records made before it existed
+    return "-" if seconds is None else f"{seconds['mean']:.1f}"
 
 
 def per_class_markdown(record: dict[str, Any]) -> str:

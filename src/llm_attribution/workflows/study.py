@@ -129,6 +129,9 @@ def judge_task(seeds: dict[int, JudgedCell], methods: Sequence[str]) -> dict[str
     cells = list(seeds.values())
     for method in methods:
         judged[method] = judge_cells([cell.metrics[method] for cell in cells])
+        timed = [t for cell in cells if (t := cell.seconds.get(method)) is not None]
+        if timed:  # wall seconds of scoring per cell, on whatever machine (and load) ran each cell
+            judged[method]["seconds"] = {"mean": sum(timed) / len(timed), "n": len(timed)}
         notes = cells[0].notes[method] if cells else {}
         if notes:  # e.g. LiSSA's depth and convergence (the first seed's: every seed has the same settings)
             judged[method]["notes"] = notes

@@ -19,25 +19,29 @@ from ..core.errors import RunError
 from ..core.storage import read_json, write_json_atomic
 from ..evaluation.grid import CellMetrics, SeedScores, cell_metrics
 from ..scoring.store import ScoreStore
-from .layout import CELL_FILE, scores_dir
+from .layout import CELL_FILE, RESULTS_FILE, scores_dir
 
 Labels = tuple[Sequence[str], Sequence[str]]  # (training labels, test labels)
 
 
 @dataclass(frozen=True)
 class JudgedCell:
-    """Every method's per-test metrics in one (task, seed) cell, and each method's notes."""
+    """Every method's per-test metrics in one (task, seed) cell, each method's notes, and the seconds its
+    scoring took where the run recorded them (features, shared by the methods, are not in them)."""
 
     metrics: dict[str, CellMetrics]
     notes: dict[str, dict[str, Any]]
+    seconds: dict[str, float | None]
 
 
 def cell_from_scores(run: Path, labels: Labels, methods: Sequence[str]) -> JudgedCell:
     """The cell judged from the score matrices in ``run``."""
     store = ScoreStore(scores_dir(run))
+    results = read_json(run / RESULTS_FILE)["methods"] if (run / RESULTS_FILE).is_file() else {}
     return JudgedCell(
         {m: cell_metrics(SeedScores(store.read(m), *labels)) for m in methods},
         {m: store.notes(m) for m in methods},
+        {m: results.get(m, {}).get("seconds") for m in methods},
     )
 
 
@@ -55,7 +59,10 @@ def write_cell(run: Path, cell: JudgedCell, task: str, seed: int, settings: dict
         "task": task,
         "seed": seed,
         "settings": settings,
-        "methods": {m: {**cell.metrics[m].to_dict(), "notes": cell.notes[m]} for m in cell.metrics},
+        "methods": {
+            m: {**cell.metrics[m].to_dict(), "notes": cell.notes[m], "seconds": cell.seconds[m]}
+            for m in cell.metrics
+        },
     }
     write_json_atomic(run / CELL_FILE, record)
 
@@ -76,7 +83,9 @@ def read_cell(run: Path, methods: Sequence[str], settings: dict[str, Any]) -> Ju
     if not all(m in kept for m in methods):
         return None
     return JudgedCell(
-        {m: CellMetrics.from_dict(kept[m]) for m in methods}, {m: kept[m]["notes"] for m in methods}
+        {m: CellMetrics.from_dict(kept[m]) for m in methods},
+        {m: kept[m]["notes"] for m in methods},
+        {m: kept[m].get("seconds") for m in methods},
     )
 
 
