@@ -1,0 +1,85 @@
+"""Which family of methods leads each task of a judged study, by a proxy metric: per task, the label-blind
+method with the highest mean, the methods its paired 95% interval does not separate from it, and each
+family's best member with its mean.
+
+    python scripts/study_families.py STUDY_DIR/study.json [--metric coverage]
+
+Families group the methods by what they compute, so that "which family wins" is read off the per-method
+numbers of `llm-attr study` rather than asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    # raw gradient similarity, no curvature
+    "gradient similarity": ("hessian-free", "grad-cosine"),
+    # the study's approximations of the inverse-Fisher product
+    "study's approximations": ("datainf", "lissa", "lissa-study"),
+    # the exact damped inverse of the block-diagonal Fisher and the iterative solve that converges to it
+    "exact damped inverse": ("exact", "astra"),
+    "Kronecker-factored": ("kfac", "ekfac", "eshampoo"),
+    # read the fine-tuning trajectory: per-epoch checkpoints, optimizer state
+    "trajectory": ("tracin", "less", "trackstar", "magic"),
+    "representation": ("repsim", "rept"),
+    "lexical": ("bm25",),
+    "valuation (reads labels)": ("knn-shapley",),
+}
+
+
+def family_of(method: str) -> str:
+    for family, members in FAMILIES.items():
+        if method in members:
+            return family
+    return "other"
+
+
+def tied_with_best(pairs: list[dict[str, Any]], best: str, metric: str) -> list[str]:
+    """The methods whose paired difference from ``best`` has a 95% interval that includes 0."""
+    tied = []
+    for pair in pairs:
+        if pair["metric"] == metric and best in (pair["a"], pair["b"]) and not pair["resolved"]:
+            tied.append(pair["b"] if pair["a"] == best else pair["a"])
+    return tied
+
+
+def table(record: dict[str, Any], metric: str) -> str:
+    families = [f for f in FAMILIES if any(m in t for t in record["tasks"].values() for m in FAMILIES[f])]
+    lines = [
+        f"| task | best label-blind by {metric} | not resolved from it | " + " | ".join(families) + " |",
+        "|---|---|---|" + "---|" * len(families),
+    ]
+    for task, methods in record["tasks"].items():
+        blind = [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
+        best = max(blind, key=lambda m: methods[m][metric]["mean"])
+        tied = tied_with_best(record["paired"].get(task, []), best, metric)
+        cells = []
+        for family in families:
+            present = [m for m in FAMILIES[family] if m in methods]
+            if not present:
+                cells.append("-")
+                continue
+            top = max(present, key=lambda m: methods[m][metric]["mean"])
+            cells.append(f"{top} {methods[top][metric]['mean']:.3f}")
+        lines.append(
+            f"| {task} | {best} {methods[best][metric]['mean']:.3f} | {', '.join(tied) or 'none'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path, help="a study.json written by `llm-attr study`")
+    parser.add_argument("--metric", default="coverage", choices=("coverage", "accuracy"))
+    args = parser.parse_args()
+    print(table(json.loads(args.study.read_text()), args.metric))
+
+
+if __name__ == "__main__":
+    main()
