@@ -3,18 +3,7 @@ whichever way round the pair was stored, and each family's best member."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "study_families.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("study_families", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts.study_families import table
 
 
 def _method(coverage: float, uses_labels: bool = False) -> dict:
@@ -66,7 +55,7 @@ def test_the_label_blind_best_its_ties_and_each_familys_best() -> None:
             ]
         },
     }
-    row = _script().table(record, "coverage").splitlines()[-1]
+    row = table(record, "coverage").splitlines()[-1]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[:3] == ["t", "ekfac 0.900", "less"]
     assert "ekfac 0.900" in cells[3:] and "less 0.850" in cells[3:] and "exact 0.500" in cells[3:]
