@@ -14,7 +14,8 @@
 # with the options below judges the kept cells alone, to the numbers their scores give.
 #
 # MAGIC is left out: one replay of the whole fine-tuning run per test example (155 s for 26 steps on
-# 2 cores, docs/results/ground-truth-embedded.md) is about 2 hours per 300-example cell's 100 test examples.
+# 2 cores, docs/results/ground-truth-embedded.md) is at least 100 x 155 s = 4.3 hours per cell of 100 test
+# examples, before a 300-example run's longer trajectory.
 set -euo pipefail
 out=${1:?usage: scripts/study_every_method.sh OUT [KEEP]}
 keep=${2:-}

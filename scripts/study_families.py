@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm_attribution.evaluation.grid import best_label_blind
+
 FAMILIES: dict[str, tuple[str, ...]] = {
     # raw gradient similarity, no curvature
     "gradient similarity": ("hessian-free", "grad-cosine"),
@@ -29,13 +31,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "lexical": ("bm25",),
     "valuation (reads labels)": ("knn-shapley",),
 }
-
-
-def family_of(method: str) -> str:
-    for family, members in FAMILIES.items():
-        if method in members:
-            return family
-    return "other"
 
 
 def tied_with_best(pairs: list[dict[str, Any]], best: str, metric: str) -> list[str]:
@@ -54,8 +49,7 @@ def table(record: dict[str, Any], metric: str) -> str:
         "|---|---|---|" + "---|" * len(families),
     ]
     for task, methods in record["tasks"].items():
-        blind = [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
-        best = max(blind, key=lambda m: methods[m][metric]["mean"])
+        best = best_label_blind(methods, metric)
         tied = tied_with_best(record["paired"].get(task, []), best, metric)
         cells = []
         for family in families:

@@ -186,21 +186,23 @@ def paired_differences(judged: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     return pairs
 
 
-def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
-    """Per task, the method with the highest mean ``metric`` against each other method: the paired
-    difference [95% interval], and whether the interval excludes 0.
+def best_label_blind(methods: Mapping[str, Mapping[str, Any]], metric: str) -> str:
+    """The method with the highest mean ``metric`` among those that do not read the class labels: a proxy
+    metric counts the labels, so a method that reads them (knn-shapley) would lead it by construction.
+    Only when every method reads them is the best chosen among all."""
+    blind = [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
+    return max(blind or methods, key=lambda m: methods[m][metric]["mean"])
 
-    The best is chosen among the methods that do not read the class labels: a proxy metric counts the
-    labels, so a method that reads them (knn-shapley) would lead it by construction and every row would
-    compare against that. Only when every method reads them is the best chosen among all."""
+
+def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
+    """Per task, the label-blind method with the highest mean ``metric`` (``best_label_blind``) against each
+    other method: the paired difference [95% interval], and whether the interval excludes 0."""
     lines = [
         f"| task | best by {metric} | minus | difference [95% CI] | resolved |",
         "|---|---|---|---|---|",
     ]
     for task, pairs in record.get("paired", {}).items():
-        methods = record["tasks"][task]
-        blind = [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
-        best = max(blind or methods, key=lambda m: methods[m][metric]["mean"])
+        best = best_label_blind(record["tasks"][task], metric)
         for pair in pairs:
             if pair["metric"] != metric or best not in (pair["a"], pair["b"]):
                 continue
