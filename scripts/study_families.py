@@ -1,8 +1,9 @@
 """Which family of methods leads each task of a judged study, by a proxy metric: per task, the label-blind
 method with the highest mean, the methods its paired 95% interval does not separate from it, and each
-family's best member with its mean.
+family's best member with its mean; with `--lds DIR`, the same per task by LDS (DIR/<task>.lds.json, written
+by `llm-attr lds`) beside the Spearman correlation between the two rankings of the methods both measured.
 
-    python scripts/study_families.py STUDY_DIR/study.json [--metric coverage]
+    python scripts/study_families.py STUDY_DIR/study.json [--metric coverage] [--lds DIR]
 
 Families group the methods by what they compute, so that "which family wins" is read off the per-method
 numbers of `llm-attr study` rather than asserted.
@@ -15,7 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llm_attribution.evaluation.grid import best_label_blind
+from llm_attribution.evaluation.lds import spearman_rows
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     # raw gradient similarity, no curvature
@@ -67,12 +71,53 @@ def table(record: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+def lds_table(record: dict[str, Any], lds: dict[str, dict[str, Any]], metric: str) -> str:
+    """Per task with an LDS record: how the label-blind methods measured by both rank by ``metric`` and by
+    LDS of the attributed loss (Spearman over methods), the best of each, and each family's best by LDS."""
+    families = list(FAMILIES)
+    lines = [
+        f"| task | methods | Spearman ({metric}, LDS) | best by {metric} | best by LDS | "
+        + " | ".join(families[:-1])
+        + " |",
+        "|---|---|---|---|---|" + "---|" * (len(families) - 1),
+    ]
+    for task, methods in record["tasks"].items():
+        if task not in lds:
+            continue
+        by_lds = {m: v["mean"] for m, v in lds[task]["losses"]["attributed"]["methods"].items()}
+        # label-blind and measured both ways (a method that reads the labels ranks by construction)
+        shared = [m for m in methods if m in by_lds and not methods[m].get("notes", {}).get("uses_labels")]
+        proxy = np.array([[methods[m][metric]["mean"] for m in shared]])
+        rho = float(spearman_rows(proxy, np.array([[by_lds[m] for m in shared]]))[0])
+        cells = []
+        for family in families[:-1]:
+            present = [m for m in FAMILIES[family] if m in shared]
+            top = max(present, key=lambda m: by_lds[m]) if present else None
+            cells.append(f"{top} {by_lds[top]:.2f}" if top else "-")
+        best_proxy = max(shared, key=lambda m: methods[m][metric]["mean"])
+        best_lds = max(shared, key=lambda m: by_lds[m])
+        proxy_best = f"{best_proxy} {methods[best_proxy][metric]['mean']:.3f}"
+        lines.append(
+            f"| {task} | {len(shared)} | {rho:+.2f} | {proxy_best} | {best_lds} {by_lds[best_lds]:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="a study.json written by `llm-attr study`")
     parser.add_argument("--metric", default="coverage", choices=("coverage", "accuracy"))
+    parser.add_argument("--lds", type=Path, help="a folder of <task>.lds.json records from `llm-attr lds`")
     args = parser.parse_args()
-    print(table(json.loads(args.study.read_text()), args.metric))
+    record = json.loads(args.study.read_text())
+    print(table(record, args.metric))
+    if args.lds:
+        found = {task: args.lds / f"{task}.lds.json" for task in record["tasks"]}
+        lds = {task: json.loads(path.read_text()) for task, path in found.items() if path.is_file()}
+        print()
+        print(lds_table(record, lds, args.metric))
 
 
 if __name__ == "__main__":
