@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_attribution.evaluation.grid import best_label_blind
+from llm_attribution.evaluation.grid import best_label_blind, label_blind
 from llm_attribution.evaluation.lds import spearman_rows
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -35,6 +35,16 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "lexical": ("bm25",),
     "valuation (reads labels)": ("knn-shapley",),
 }
+LABEL_READING = "valuation (reads labels)"
+
+
+def family_best(family: str, candidates: list[str], value: dict[str, float], digits: int) -> str:
+    """The family's member among ``candidates`` with the highest ``value`` as ``name value``, or ``-``."""
+    present = [m for m in FAMILIES[family] if m in candidates]
+    if not present:
+        return "-"
+    top = max(present, key=lambda m: value[m])
+    return f"{top} {value[top]:.{digits}f}"
 
 
 def tied_with_best(pairs: list[dict[str, Any]], best: str, metric: str) -> list[str]:
@@ -55,14 +65,8 @@ def table(record: dict[str, Any], metric: str) -> str:
     for task, methods in record["tasks"].items():
         best = best_label_blind(methods, metric)
         tied = tied_with_best(record["paired"].get(task, []), best, metric)
-        cells = []
-        for family in families:
-            present = [m for m in FAMILIES[family] if m in methods]
-            if not present:
-                cells.append("-")
-                continue
-            top = max(present, key=lambda m: methods[m][metric]["mean"])
-            cells.append(f"{top} {methods[top][metric]['mean']:.3f}")
+        means = {m: methods[m][metric]["mean"] for m in methods}
+        cells = [family_best(family, list(methods), means, 3) for family in families]
         lines.append(
             f"| {task} | {best} {methods[best][metric]['mean']:.3f} | {', '.join(tied) or 'none'} | "
             + " | ".join(cells)
@@ -74,33 +78,28 @@ def table(record: dict[str, Any], metric: str) -> str:
 def lds_table(record: dict[str, Any], lds: dict[str, dict[str, Any]], metric: str) -> str:
     """Per task with an LDS record: how the label-blind methods measured by both rank by ``metric`` and by
     LDS of the attributed loss (Spearman over methods), the best of each, and each family's best by LDS."""
-    families = list(FAMILIES)
+    families = [f for f in FAMILIES if f != LABEL_READING]  # a method that reads the labels is not ranked
     lines = [
         f"| task | methods | Spearman ({metric}, LDS) | best by {metric} | best by LDS | "
-        + " | ".join(families[:-1])
+        + " | ".join(families)
         + " |",
-        "|---|---|---|---|---|" + "---|" * (len(families) - 1),
+        "|---|---|---|---|---|" + "---|" * len(families),
     ]
     for task, methods in record["tasks"].items():
         if task not in lds:
             continue
         by_lds = {m: v["mean"] for m, v in lds[task]["losses"]["attributed"]["methods"].items()}
-        # label-blind and measured both ways (a method that reads the labels ranks by construction)
-        shared = [m for m in methods if m in by_lds and not methods[m].get("notes", {}).get("uses_labels")]
-        proxy = np.array([[methods[m][metric]["mean"] for m in shared]])
-        rho = float(spearman_rows(proxy, np.array([[by_lds[m] for m in shared]]))[0])
-        cells = []
-        for family in families[:-1]:
-            present = [m for m in FAMILIES[family] if m in shared]
-            top = max(present, key=lambda m: by_lds[m]) if present else None
-            cells.append(f"{top} {by_lds[top]:.2f}" if top else "-")
-        best_proxy = max(shared, key=lambda m: methods[m][metric]["mean"])
+        shared = [m for m in label_blind(methods) if m in by_lds]
+        proxy = {m: methods[m][metric]["mean"] for m in shared}
+        rho = float(
+            spearman_rows(np.array([[proxy[m] for m in shared]]), np.array([[by_lds[m] for m in shared]]))[0]
+        )
+        best_proxy = max(shared, key=lambda m: proxy[m])
         best_lds = max(shared, key=lambda m: by_lds[m])
-        proxy_best = f"{best_proxy} {methods[best_proxy][metric]['mean']:.3f}"
+        cells = [family_best(family, shared, by_lds, 2) for family in families]
         lines.append(
-            f"| {task} | {len(shared)} | {rho:+.2f} | {proxy_best} | {best_lds} {by_lds[best_lds]:.2f} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {task} | {len(shared)} | {rho:+.2f} | {best_proxy} {proxy[best_proxy]:.3f} | "
+            f"{best_lds} {by_lds[best_lds]:.2f} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 

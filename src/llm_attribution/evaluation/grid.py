@@ -186,12 +186,16 @@ def paired_differences(judged: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     return pairs
 
 
+def label_blind(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The judged methods that do not read the class labels: a proxy metric counts the labels, so a method
+    that reads them (knn-shapley) leads it by construction."""
+    return [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
+
+
 def best_label_blind(methods: Mapping[str, Mapping[str, Any]], metric: str) -> str:
-    """The method with the highest mean ``metric`` among those that do not read the class labels: a proxy
-    metric counts the labels, so a method that reads them (knn-shapley) would lead it by construction.
-    Only when every method reads them is the best chosen among all."""
-    blind = [m for m in methods if not (methods[m].get("notes") or {}).get("uses_labels")]
-    return max(blind or methods, key=lambda m: methods[m][metric]["mean"])
+    """The method of :func:`label_blind` with the highest mean ``metric``; only when every method reads the
+    labels is the best chosen among all."""
+    return max(label_blind(methods) or methods, key=lambda m: methods[m][metric]["mean"])
 
 
 def paired_markdown(record: dict[str, Any], metric: str = "coverage") -> str:
