@@ -62,5 +62,5 @@ def several_token_case(seed: int, n: int = 25, t: int = 3, o: int = 3, i: int = 
     test = torch.randn(4, o * i, generator=gen, dtype=torch.float64)
     factors = KroneckerFactors()
     factors.add("b", u.reshape(-1, i), g.reshape(-1, o))
-    factors.count(n * t, n)
+    factors.count(n)
     return train, test, factors

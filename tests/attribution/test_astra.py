@@ -58,7 +58,7 @@ def test_one_iteration_where_ekfac_is_exact() -> None:
     g = torch.randn(n, o, generator=gen, dtype=torch.float64)
     factors = KroneckerFactors()
     factors.add("b", u.expand(n, i), g)
-    factors.count(n, n)
+    factors.count(n)
     train = torch.einsum("no,ti->noi", g, u).reshape(n, -1)
     test = torch.randn(3, o * i, generator=gen, dtype=torch.float64)
     astra = _method("astra", factors, (o, i), iterations=10, tolerance=1e-8)

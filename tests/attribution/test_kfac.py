@@ -10,7 +10,7 @@ from llm_attribution.attribution.base import InnerProductMethod
 from llm_attribution.attribution.passes import TrainPasses
 from llm_attribution.attribution.registry import get_method
 from llm_attribution.core.errors import ConfigError
-from llm_attribution.features.kronecker import KroneckerFactors
+from llm_attribution.features.kronecker import KroneckerFactors, flat_tokens, gradient_tokens
 from tests.helpers import several_token_case
 
 
@@ -31,7 +31,7 @@ def _one_token_examples(n: int, o: int, i: int, seed: int):
     )
     factors = KroneckerFactors()
     factors.add("b", u.expand(n, i), g)
-    factors.count(n, n)
+    factors.count(n)
     gradients = torch.einsum("no,ti->noi", g, u).reshape(n, -1)
     return gradients, factors
 
@@ -44,6 +44,34 @@ def test_equals_the_exact_damped_inverse_where_the_kronecker_assumption_holds(na
     scores = _method(name, factors, {"b": (o, i)}).score({"b": train}, {"b": test})
     exact = get_method("exact").score({"b": train}, {"b": test})  # type: ignore[attr-defined]
     assert float((scores - exact).norm() / exact.norm()) < 1e-6  # scores are float32
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_a_token_without_gradient_leaves_the_kronecker_case_exact(name: str) -> None:
+    """Each example's second token has its own input but a zero output gradient (a sequence's last
+    token feeds no loss term): ``G_j = g_j u^T`` still, so the Fisher is ``S (x) u u^T`` and K-FAC over the
+    gradient-carrying tokens is exact. Averaging ``A`` over every token would mix the second inputs in."""
+    o, i, n = 3, 5, 30
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(1, 1, i, generator=gen, dtype=torch.float64)
+    inputs = torch.cat([u.expand(n, 1, i), torch.randn(n, 1, i, generator=gen, dtype=torch.float64)], dim=1)
+    g = torch.randn(n, 1, o, generator=gen, dtype=torch.float64)
+    outputs = torch.cat([g, torch.zeros(n, 1, o, dtype=torch.float64)], dim=1)
+    train = torch.einsum("nto,nti->noi", outputs, inputs).reshape(n, -1)
+    mask = gradient_tokens(torch.ones(n, 2, dtype=torch.long), outputs)
+    assert mask[:, 0].all() and not mask[:, 1].any()
+    factors = KroneckerFactors()
+    factors.add("b", flat_tokens(inputs, mask), flat_tokens(outputs, mask))
+    factors.count(n)
+    test = torch.randn(5, o * i, generator=gen, dtype=torch.float64)
+    scores = _method(name, factors, {"b": (o, i)}).score({"b": train}, {"b": test})
+    exact = get_method("exact").score({"b": train}, {"b": test})  # type: ignore[attr-defined]
+    assert float((scores - exact).norm() / exact.norm()) < 1e-6
+    every = KroneckerFactors()  # the same factors with the gradient-free tokens counted
+    every.add("b", inputs.reshape(-1, i), outputs.reshape(-1, o))
+    every.count(n)
+    other = _method(name, every, {"b": (o, i)}).score({"b": train}, {"b": test})
+    assert float((other - exact).norm() / exact.norm()) > 1e-2
 
 
 def _dense(train: torch.Tensor, test: torch.Tensor, fisher: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,7 +107,7 @@ def test_streamed_equals_in_memory(name: str) -> None:
     test = {"b": torch.randn(3, o * i, generator=gen)}
     factors = KroneckerFactors()
     factors.add("b", u.reshape(-1, i), g.reshape(-1, o))
-    factors.count(n * t, n)
+    factors.count(n)
     method = _method(name, factors, {"b": (o, i)}, chunk_size=16)
     streamed = torch.cat(list(method.score_streamed(TrainPasses.from_blocks(train, 16), test)), dim=1)
     torch.testing.assert_close(streamed, method.score(train, test), rtol=1e-5, atol=1e-6)
@@ -96,7 +124,7 @@ def test_without_factors_the_error_says_how_to_get_them() -> None:
 def test_factors_of_another_shape_are_refused() -> None:
     factors = KroneckerFactors()
     factors.add("b", torch.randn(4, 2), torch.randn(4, 3))  # inputs 2 wide, outputs 3: shape (3, 2)
-    factors.count(4, 4)
+    factors.count(4)
     method = _method("ekfac", factors, {"b": (2, 3)})
     with pytest.raises(ConfigError, match="do not fit"):
         method.score({"b": torch.randn(5, 6)}, {"b": torch.randn(2, 6)})

@@ -31,29 +31,31 @@ def lora_model():
     return model, loaded.tokenizer
 
 
-def _reference(model, tokenizer, examples) -> tuple[dict, dict, int]:
+def _reference(model, tokenizer, examples) -> tuple[dict, dict, dict]:
     """Per example on its own: every token's input and output gradient of each LoRA matrix, summed as
-    the definition says (``u u^T`` over tokens; ``g g^T`` over tokens, the example's own mean loss)."""
+    the definition says over the tokens whose output gradient is not zero (``u u^T``; ``g g^T``, the
+    example's own mean loss), and those tokens counted per block."""
     modules = LoraWeights(model).modules()
     inputs = {name: 0.0 for name in modules}
     outputs = {name: 0.0 for name in modules}
+    tokens = {name: 0 for name in modules}
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = [
         m.register_forward_hook(lambda mod, a, out, name=name: kept.__setitem__(name, (a[0], out)))
         for name, m in modules.items()
     ]
-    tokens = 0
     try:
         for encoded in encode_examples(examples, tokenizer, PROMPT):
             batch = collate([encoded], tokenizer.pad_token_id)
             labels = batch.pop("labels")
             loss, _ = per_example_losses(model(**batch).logits, labels)
             grads = torch.autograd.grad(loss.sum(), [kept[name][1] for name in modules])
-            tokens += len(encoded.input_ids)
             for name, g in zip(modules, grads, strict=True):
-                u = kept[name][0][0].detach()
+                carrying = [t for t in range(g.shape[1]) if bool(g[0, t].abs().max() > 0)]
+                u, g_kept = kept[name][0][0].detach()[carrying], g[0][carrying]
+                tokens[name] += len(carrying)
                 inputs[name] = inputs[name] + u.T @ u
-                outputs[name] = outputs[name] + g[0].T @ g[0]
+                outputs[name] = outputs[name] + g_kept.T @ g_kept
     finally:
         for handle in handles:
             handle.remove()
@@ -70,9 +72,12 @@ def test_factors_equal_a_per_example_loop(lora_model) -> None:
     )
     assert (factors.tokens, factors.examples) == (tokens, len(examples))
     assert set(factors.inputs) == set(inputs) and len(inputs) == 2 * 2 * 2  # layers x targets x (A, B)
+    every = sum(len(e.input_ids) for e in encode_examples(examples, tokenizer, PROMPT))
+    # each sequence's last token feeds no loss term, so no block counts it
+    assert all(n <= every - len(examples) for n in tokens.values()) and min(tokens.values()) > 0
     for name in inputs:
         s, a = factors.covariances(name)
-        torch.testing.assert_close(a, (inputs[name] / tokens).double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, (inputs[name] / tokens[name]).double(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(s, (outputs[name] / len(examples)).double(), rtol=1e-5, atol=1e-9)
 
 

@@ -38,7 +38,7 @@ from ..data.templates import IGNORE_INDEX, Encoded, PromptSettings, collate, enc
 from ..models.device import autocast
 from ..models.moments import OptimizerMoments
 from ..models.tuning import FULL_UNPROJECTED_LIMIT, LoraWeights, TunedWeights
-from .kronecker import KroneckerFactors, flat_tokens
+from .kronecker import KroneckerFactors, flat_tokens, gradient_tokens
 from .projection import KroneckerProjector
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ def collect_features(
             }
             labels = batch.pop("labels")
             if kronecker is not None:
-                tokens = batch["attention_mask"]
-                kronecker.count(int(tokens.sum()), len(rows))
+                kronecker.count(len(rows))
             with autocast(model):  # bf16 base: low-precision forward; the einsums below sum in float32
                 out = model(**batch, output_hidden_states=representations, use_cache=False)
             loss, counts = per_example_losses(out.logits, labels)
@@ -232,6 +231,8 @@ def collect_features(
             with torch.no_grad():
                 for name, grad_out in zip(names, grads[: len(names)], strict=True):
                     out_side, in_side = grad_out.float(), capture.inputs[name].detach().float()
+                    if kronecker is not None:  # before projecting: which tokens carry a gradient at all
+                        tokens = gradient_tokens(batch["attention_mask"], out_side)
                     if name in projections:  # project the factors, never the [d_out, d_in] gradient
                         out_side = projections[name].output_side(out_side)
                         in_side = projections[name].input_side(in_side)

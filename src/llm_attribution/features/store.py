@@ -136,7 +136,8 @@ class FeatureStore:
         return self.folder / KRONECKER
 
     def stored_kronecker(self) -> KroneckerFactors | None:
-        """The split's stored Kronecker factors (checked against the manifest), or None if not stored."""
+        """The split's stored Kronecker factors (checked against the manifest), or None if not stored or
+        stored by an earlier version with another token set."""
         entry = self._manifest().get("kronecker")
         if entry is None:
             return None
@@ -144,7 +145,11 @@ class FeatureStore:
         data = path.read_bytes() if path.is_file() else b""
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise RunError(f"{path} is missing or corrupted (checksum mismatch); delete it to recompute")
-        return KroneckerFactors.from_tensors(load(data))
+        tensors = load(data)
+        if not KroneckerFactors.current(tensors):  # an earlier token set: gathered again, gradients kept
+            log.info("%s: Kronecker factors of an earlier version; gathering them again", self.folder.name)
+            return None
+        return KroneckerFactors.from_tensors(tensors)
 
     def put_kronecker(self, factors: KroneckerFactors) -> None:
         """Keep the split's Kronecker factors (under torchrun rank 0 writes)."""
