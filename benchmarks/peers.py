@@ -57,6 +57,13 @@ PIP_NOISE = ("WARNING: Location 'file:///",)
 
 
 PEERS = ("kronfluence", "dattri", "dattri-llm", "bergson")
+# what the EK-FAC rows differ in, read from each tool's source (features/kronecker.py says why ours does so)
+KFAC_TOKENS = (
+    "K-FAC's input covariance A: ours and dattri-llm average it over the tokens that carry a gradient to "
+    "the LoRA matrix (each sequence's last token feeds no loss term, so it does not); kronfluence and "
+    "Bergson average it over every non-padding token. The damping is the same in all four (0.1 x the mean "
+    "eigenvalue per LoRA matrix)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +452,7 @@ class Row:
     load: tuple[float, float] | None = None
     lds: Any = None  # LdsSummary against the run's retrained subsets, where they were measured
     per_test_lds: list[float] | None = None
+    per_test_coverage: list[float] | None = None  # for the paired coverage differences
 
 
 def read_meta(out: Path) -> dict[str, Any]:
@@ -494,7 +502,13 @@ def judge(
     metrics = evaluate(scores, labels[0], labels[1])
     closest = closest_method(method)
     agreement = rank_agreement(scores, ours[closest]) if closest in ours else None
-    return {"accuracy": metrics.accuracy, "coverage": metrics.coverage, "agreement": agreement, "of": closest}
+    return {
+        "accuracy": metrics.accuracy,
+        "coverage": metrics.coverage,
+        "per_test_coverage": [float(c) for c in metrics.per_test_coverage],
+        "agreement": agreement,
+        "of": closest,
+    }
 
 
 def measure_ours(
@@ -638,7 +652,14 @@ def peer_row(
     except Exception as failure:
         return Row(peer.name, version, shown, done.seconds, done.peak_mib, note=f"cannot judge: {failure}")
     measured = (done.seconds, done.peak_mib, verdict["accuracy"], verdict["coverage"], verdict["agreement"])
-    return Row(peer.name, version, shown, *measured, compared_with=verdict["of"])
+    return Row(
+        peer.name,
+        version,
+        shown,
+        *measured,
+        compared_with=verdict["of"],
+        per_test_coverage=verdict["per_test_coverage"],
+    )
 
 
 # --------------------------------------------------------------------------------------------- 4. report
@@ -749,6 +770,29 @@ def lds_lines(rows: list[Row], retrained: Any, subsets: int) -> list[str]:
     return [*lines, ""]
 
 
+def coverage_lines(rows: list[Row]) -> list[str]:
+    """Each peer method's coverage against the one of ours it approximates, paired on the same test
+    examples (coverage moves in steps of 1/k per test example, so a gap of 0.001 may be noise)."""
+    from llm_attribution.evaluation.statistics import paired_difference
+
+    ours = {r.method: r for r in rows if r.tool.startswith("llm-attribution") and r.per_test_coverage}
+    lines = []
+    for r in rows:
+        mine = ours.get(r.compared_with)
+        if r.tool.startswith("llm-attribution") or mine is None or not r.per_test_coverage:
+            continue
+        diff = paired_difference([mine.per_test_coverage or []], [r.per_test_coverage])
+        verdict = "resolved" if diff.resolved else "not resolved"
+        lines.append(
+            f"- ours {mine.method} − {r.tool} {r.method}: {diff.mean:+.3f} "
+            f"[{diff.low:+.3f}, {diff.high:+.3f}] ({verdict})"
+        )
+    if not lines:
+        return []
+    head = "Coverage, ours minus each peer's method on the same test examples (95% paired interval):"
+    return [head, "", *lines, ""]
+
+
 def seconds_list(stages: dict[str, Any]) -> str:
     return ", ".join(f"{name} {float(value):.0f} s" for name, value in stages.items())
 
@@ -828,6 +872,7 @@ def main() -> None:
                 load=mine.load,
                 lds=summary,
                 per_test_lds=None if summary is None else summary.per_test,
+                per_test_coverage=verdict["per_test_coverage"],
             )
         )
     stages = [f"- ours {method}: {seconds_list(our_stages[method])}" for method in OUR_METHODS]
@@ -869,6 +914,9 @@ def main() -> None:
             notes.append(f"- {peer.name} cannot run here:\n\n  ```\n  {indented}\n  ```")
     details = [
         *lds_lines(rows, retrained, args.lds_subsets),
+        *coverage_lines(rows),
+        KFAC_TOKENS,
+        "",
         "Where the time went (seconds per stage, as each runner timed them):",
         "",
         *stages,

@@ -4,9 +4,11 @@ same factors and scores."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from llm_attribution.evaluation.score_files import read_scores
 from llm_attribution.features.kronecker import KroneckerFactors
@@ -59,3 +61,32 @@ def test_a_corrupted_factor_file_is_named(tmp_path, capsys) -> None:
     (run / "scores" / "kfac.safetensors").unlink()
     code, _, err = run_cli(["attribute", "--run", str(run), "--methods", "kfac", "--quiet"], capsys)
     assert code == 2 and KRONECKER in err and "corrupted" in err
+
+
+def test_factors_of_the_earlier_token_set_are_gathered_again(tmp_path, capsys) -> None:
+    """A run whose stored factors averaged A over every non-padding token (before per-block counts):
+    attribute gathers them again over the gradient-carrying tokens, keeps the stored gradients, and scores
+    as a fresh run does."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(["run", *ARGS, "--methods", "kfac", "--out", str(run)], capsys)
+    assert code == 0, err
+    current, _ = _factors(run)
+    [path] = (run / "features").glob(f"train-*/{KRONECKER}")
+    old = {f"inputs/{k}": v for k, v in current.inputs.items()}
+    old.update({f"outputs/{k}": v for k, v in current.outputs.items()})
+    old["__counts__"] = torch.tensor([10**6, current.examples], dtype=torch.int64)
+    save_file(old, path)
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["kronecker"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    shards = sorted(p.stat().st_mtime_ns for p in path.parent.glob("*.safetensors") if p != path)
+    fresh = read_scores(run / "scores" / "kfac.safetensors")
+    (run / "scores" / "kfac.safetensors").unlink()
+    code, _, err = run_cli(["attribute", "--run", str(run), "--methods", "kfac", "--quiet"], capsys)
+    assert code == 0, err
+    again, _ = _factors(run)
+    assert again.tokens == current.tokens
+    assert sorted(p.stat().st_mtime_ns for p in path.parent.glob("*.safetensors") if p != path) == shards
+    rescored = read_scores(run / "scores" / "kfac.safetensors")
+    assert float((rescored - fresh).norm() / fresh.norm()) < 1e-4

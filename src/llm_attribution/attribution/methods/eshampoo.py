@@ -6,7 +6,7 @@ shape). Shampoo's two factors of the gradients themselves, ``L = (1/n) sum_i G_i
 eigenvalues are then refitted to the data in that basis (:mod:`..eigenbasis`), as EK-FAC does with its
 own basis, and the damped inverse is applied there.
 
-This is not K-FAC: K-FAC's factors are covariances of every token's layer input and output gradient
+This is not K-FAC: K-FAC's factors are covariances of each token's layer input and output gradient
 (``kfac`` and ``ekfac``, :mod:`.kfac`), which need hooks at collection time; these need only the stored
 gradients (so projected gradients, streamed scoring and every stored run work as they are). Until the
 token-level methods existed this method was called ``ekfac-example``, which stays an alias.

@@ -1,7 +1,8 @@
 """K-FAC and EK-FAC with token-level factors, as kronfluence, dattri-llm and Bergson compute them.
 
 Each LoRA matrix's Fisher is approximated by ``S (x) A``: ``A`` the covariance of the matrix's input over
-every token, ``S`` the covariance of the gradient at its output, summed over an example's tokens and
+the tokens that carry a gradient to it (as dattri-llm; kronfluence and Bergson take every non-padding
+token), ``S`` the covariance of the gradient at its output, summed over an example's tokens and
 averaged over examples (:mod:`~llm_attribution.features.kronecker`; collected in the same pass as the
 per-example gradients, by hooks). With ``S = U diag(s) U^T`` and ``A = W diag(a) W^T``:
 
