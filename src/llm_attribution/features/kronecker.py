@@ -116,8 +116,8 @@ class KroneckerFactors:
 def gradient_tokens(attention_mask: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
     """``[batch, time]``: the non-padding tokens whose ``[batch, time, o]`` output gradient is not all
     zero, the tokens that add to an example's gradient and so to its block's factors."""
-    padding = attention_mask.to(device=output_gradients.device, dtype=torch.bool)
-    return padding & (output_gradients != 0).any(-1)
+    present = attention_mask.to(device=output_gradients.device, dtype=torch.bool)
+    return present & (output_gradients != 0).any(-1)
 
 
 def flat_tokens(side: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
