@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -740,53 +740,45 @@ def report(
     return "\n".join(lines)
 
 
+def paired_lines(rows: list[Row], values: Callable[[Row], list[float] | None]) -> list[str]:
+    """One line per peer method: ours minus it on the same test examples (``values``: a row's per-test
+    values, or None where not measured), with the 95% paired interval."""
+    from llm_attribution.evaluation.statistics import paired_difference
+
+    ours = {r.method: r for r in rows if r.tool.startswith("llm-attribution") and values(r) is not None}
+    lines = []
+    for r in rows:
+        mine = ours.get(r.compared_with)
+        theirs = values(r)
+        if r.tool.startswith("llm-attribution") or mine is None or theirs is None:
+            continue
+        diff = paired_difference([values(mine)], [theirs])
+        verdict = "resolved" if diff.resolved else "not resolved"
+        lines.append(
+            f"- ours {mine.method} − {r.tool} {r.method}: {diff.mean:+.3f} "
+            f"[{diff.low:+.3f}, {diff.high:+.3f}] ({verdict})"
+        )
+    return lines
+
+
 def lds_lines(rows: list[Row], retrained: Any, subsets: int) -> list[str]:
     """How the LDS column was measured, and each peer method minus the one of ours it approximates,
     paired on the same test examples."""
     if retrained is None:
         return []
-    from llm_attribution.evaluation.statistics import paired_difference
-
-    ours = {r.method: r for r in rows if r.tool.startswith("llm-attribution") and r.per_test_lds is not None}
-    lines = [
+    head = (
         f"LDS: {len(retrained.masks)} random half-subsets of the training set (subset seed 0), each "
         "retrained with the run's settings, initial adapter and seed (`llm-attr lds --run WORK/run "
         f"--subsets {subsets} --ceiling false`); the loss is the one every tool attributes. Ours minus each "
-        "peer's method on the same test examples (95% paired interval; resolved when it excludes 0):",
-        "",
-    ]
-    for r in rows:
-        mine = ours.get(r.compared_with)
-        if r.tool.startswith("llm-attribution") or mine is None or mine.per_test_lds is None:
-            continue
-        if r.per_test_lds is None:
-            continue
-        diff = paired_difference([mine.per_test_lds], [r.per_test_lds])
-        verdict = "resolved" if diff.resolved else "not resolved"
-        lines.append(
-            f"- ours {mine.method} − {r.tool} {r.method}: {diff.mean:+.3f} "
-            f"[{diff.low:+.3f}, {diff.high:+.3f}] ({verdict})"
-        )
-    return [*lines, ""]
+        "peer's method on the same test examples (95% paired interval; resolved when it excludes 0):"
+    )
+    return [head, "", *paired_lines(rows, lambda r: r.per_test_lds), ""]
 
 
 def coverage_lines(rows: list[Row]) -> list[str]:
     """Each peer method's coverage against the one of ours it approximates, paired on the same test
     examples (coverage moves in steps of 1/k per test example, so a gap of 0.001 may be noise)."""
-    from llm_attribution.evaluation.statistics import paired_difference
-
-    ours = {r.method: r for r in rows if r.tool.startswith("llm-attribution") and r.per_test_coverage}
-    lines = []
-    for r in rows:
-        mine = ours.get(r.compared_with)
-        if r.tool.startswith("llm-attribution") or mine is None or not r.per_test_coverage:
-            continue
-        diff = paired_difference([mine.per_test_coverage or []], [r.per_test_coverage])
-        verdict = "resolved" if diff.resolved else "not resolved"
-        lines.append(
-            f"- ours {mine.method} − {r.tool} {r.method}: {diff.mean:+.3f} "
-            f"[{diff.low:+.3f}, {diff.high:+.3f}] ({verdict})"
-        )
+    lines = paired_lines(rows, lambda r: r.per_test_coverage)
     if not lines:
         return []
     head = "Coverage, ours minus each peer's method on the same test examples (95% paired interval):"
