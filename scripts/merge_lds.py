@@ -15,6 +15,7 @@ which record.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def merge(old: dict[str, Any], new: dict[str, Any], methods: list[str], check: l
     for key in ("task", "n_train", "n_test", "subsets", "subset_size"):
         if old.get(key) != new.get(key):
             raise MergeError(f"the records differ in {key}: {old.get(key)!r} and {new.get(key)!r}")
-    merged = json.loads(json.dumps(old))
+    merged = copy.deepcopy(old)
     for loss, entry in new["losses"].items():
         if loss not in old["losses"]:
             continue
